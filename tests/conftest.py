@@ -1,0 +1,58 @@
+"""Shared fixtures: one Ray instance per test session, tiny specs, isolated working folders."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Tests never download anything and run with small thread counts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+TINY_TRANSFER = textwrap.dedent(
+    """
+    name: tiny
+    study: transfer
+    backbone: {name: convnet, widths: [4, 8, 8]}
+    head: classify
+    task: {name: digits, image_size: 16}
+    transfer:
+      split: {A: [0, 1, 2, 3, 4], B: [5, 6, 7, 8, 9]}
+      depths: [1, 3]
+      conditions: [AnB, AnB+, BnB, BnB+, random]
+    train: {epochs: 2, batch_size: 64, lr: 0.05}
+    seeds: [0]
+    resources: {cpu: 1}
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start one local Ray for the whole test session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_spec(tmp_path: Path) -> Path:
+    """A 12-trial transfer spec on 16 px digits that trains in seconds."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_TRANSFER)
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder so default store and run folders land there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRANSFERLAB_DB", raising=False)
+    monkeypatch.delenv("TRANSFERLAB_RUNS", raising=False)
+    return tmp_path

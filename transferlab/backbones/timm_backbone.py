@@ -1,0 +1,72 @@
+"""Any timm model as a backbone, through ``timm.create_model(..., features_only=True)``.
+
+timm's feature extractor runs its (flattened) child modules in order and returns the outputs of the
+modules named in its ``feature_info``; we group those children into one stage per returned feature,
+so stage k ends exactly where timm's k-th feature is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from transferlab.backbones.base import Backbone, StageInfo
+from transferlab.registry import BACKBONES
+
+@BACKBONES.register("timm")
+def timm_backbone(*, model_name: str, in_channels: int = 3, pretrained: bool = False, **kwargs: Any) -> Backbone:
+    """Any timm model name, one stage per feature level (use `timm/NAME` as the backbone name)."""
+    import timm
+    from timm.models._features import FeatureDictNet
+
+    if not timm.is_model(model_name):
+        import difflib
+
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"timm has no model '{model_name}'{hint}")
+    # timm treats None as "use the default"; a YAML null means the same here.
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    model = timm.create_model(model_name, features_only=True, pretrained=pretrained, in_chans=in_channels, **kwargs)
+    if isinstance(model, FeatureDictNet):
+        stages = _group(model.items(), set(model.return_layers))
+    elif getattr(model, "feature_hooks", True) is None and hasattr(model, "_stage_out_idx"):
+        stages = _group_block_features(model)
+    else:
+        raise ValueError(
+            f"timm model '{model_name}' extracts features with hooks ({type(model).__name__}), "
+            "so its stages cannot be split in order; choose a convolutional model"
+        )
+    info = model.feature_info
+    if len(stages) != len(info):
+        raise ValueError(f"timm model '{model_name}': found {len(stages)} stages for {len(info)} feature levels")
+    infos = [
+        StageInfo(str(name).replace(".", "_"), int(ch), int(red))
+        for name, ch, red in zip(info.module_name(), info.channels(), info.reduction(), strict=True)
+    ]
+    return Backbone(stages, infos, in_channels)
+
+
+def _group(modules: Iterable[tuple[Any, nn.Module]], cut_after: set[Any]) -> list[nn.Module]:
+    """Group modules that run in sequence into stages ending at each name in ``cut_after``."""
+    stages: list[nn.Module] = []
+    current: list[nn.Module] = []
+    for name, module in modules:
+        current.append(module)
+        if name in cut_after:
+            stages.append(nn.Sequential(*current))
+            current = []
+    return stages
+
+
+def _group_block_features(model: nn.Module) -> list[nn.Module]:
+    """Stages of timm's EfficientNet/MobileNetV3 feature classes: a stem, then runs of ``blocks``.
+
+    Their forward is ``conv_stem -> bn1 (-> act1) -> blocks[0] -> blocks[1] ...`` with a feature taken
+    after the stem (index 0) and after block i when ``i + 1`` is in ``_stage_out_idx``.
+    """
+    stem = [model.conv_stem, model.bn1] + ([model.act1] if hasattr(model, "act1") else [])
+    sequence = [(0, nn.Sequential(*stem))] + [(i + 1, block) for i, block in enumerate(model.blocks)]
+    return _group(sequence, set(model._stage_out_idx))

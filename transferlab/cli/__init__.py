@@ -1,0 +1,1 @@
+"""The ``transferlab`` command line: one module per noun, heavy imports inside the commands."""

@@ -1,0 +1,149 @@
+"""``demo``, ``validate`` and ``submit``: from a spec to a finished study."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from transferlab.cli.options import console, db_option
+
+address_option = click.option("--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
+                              help="Ray cluster to run on (default: start a local Ray sized to this machine).")
+runs_option = click.option("--runs-dir", envvar="TRANSFERLAB_RUNS", default=None, type=click.Path(file_okay=False),
+                           help="Where checkpoints and Ray Tune files go [env TRANSFERLAB_RUNS; default "
+                                "./transferlab-runs].")
+
+
+class ProgressPrinter:
+    """Shows a progress bar over trials and one line per finished trial."""
+
+    def __init__(self, metric: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console()
+        self.metric = metric
+        self.progress = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.description}"), console=self.console, transient=True)
+        self.task_id: Any = None
+
+    def on_created(self, experiment_id: int, trials: list) -> None:
+        self.console.print(f"experiment [bold]{experiment_id}[/]: {len(trials)} trials")
+        self.task_id = self.progress.add_task("starting Ray", total=len(trials))
+        self.progress.start()
+
+    def on_event(self, kind: str, trial: Any, data: dict[str, Any]) -> None:
+        name = f"{trial.condition} d{trial.depth} s{trial.seed}"
+        if kind == "epoch":
+            value = data.get(f"val/{self.metric}")
+            shown = f", val {self.metric} {value:.3f}" if isinstance(value, float) else ""
+            self.progress.update(self.task_id, description=f"{name}: epoch {data.get('epoch')}{shown}")
+            return
+        if kind == "start":
+            self.progress.update(self.task_id, description=f"{name}: started")
+            return
+        self.progress.advance(self.task_id)
+        if kind == "completed":
+            value = data.get(f"test/{self.metric}")
+            self.console.print(f"[green]done[/]    {trial.key:<28} test {self.metric} {value:.4f}")
+        elif kind == "failed":
+            self.console.print(f"[red]failed[/]  {trial.key:<28} {data.get('error')}")
+        else:
+            self.console.print(f"[yellow]{kind}[/] {trial.key:<28} {data.get('error', '')}")
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _print_plan(vspec: Any, output: str) -> None:
+    from transferlab.service.planner import plan_summary, plan_trials
+
+    trials = plan_trials(vspec)
+    summary = plan_summary(trials)
+    if output == "json":
+        data = {"name": vspec.spec.name, "study": vspec.spec.study, "trials": len(trials),
+                "stages": list(vspec.stage_names),
+                **{k: {str(kk): vv for kk, vv in v.items()} for k, v in summary.items()}}
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.table import Table
+
+    out = console()
+    spec = vspec.spec
+    out.print(f"[bold]{spec.name}[/] ({spec.study} study): [bold]{len(trials)}[/] trials; backbone "
+              f"{spec.backbone.name} ({len(vspec.stage_names)} stages: {', '.join(vspec.stage_names)}), "
+              f"head {spec.head.name}, task {spec.task.name} (primary metric {vspec.primary_metric})")
+    for what in ("role", "condition", "depth", "seed", "split"):
+        table = Table(title=f"trials per {what}", title_justify="left")
+        table.add_column(what)
+        table.add_column("trials", justify="right")
+        for value, count in sorted(summary[what].items(), key=lambda kv: str(kv[0])):
+            table.add_row(str(value), str(count))
+        out.print(table)
+
+
+@click.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--output", "-O", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def validate(spec: str, output: str) -> None:
+    """Check SPEC completely and print its trial plan; writes nothing."""
+    from transferlab.service.api import validate as validate_spec
+
+    _print_plan(validate_spec(spec), output)
+
+
+def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) -> int:
+    from transferlab.service.api import submit as submit_spec
+
+    printer = ProgressPrinter(vspec.primary_metric)
+    try:
+        exp_id = submit_spec(vspec, db=db, address=address, runs_dir=runs_dir, on_event=printer.on_event,
+                             on_created=printer.on_created)
+    finally:
+        printer.stop()
+    return exp_id
+
+
+def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:
+    from transferlab.cli.reports import show_results
+
+    show_results(str(exp_id), db, "table")
+    if plot_path:
+        from transferlab.service.api import plot
+
+        plot(exp_id, plot_path, db=db)
+        console().print(f"figure written to [bold]{plot_path}[/]")
+
+
+@click.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@db_option
+@address_option
+@runs_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results figure to this PNG.")
+def submit(spec: str, db: str | None, address: str | None, runs_dir: str | None, plot_path: str | None) -> None:
+    """Validate SPEC, record it in the store and run every trial with Ray Tune."""
+    from transferlab.service.api import validate as validate_spec
+
+    vspec = validate_spec(spec)
+    exp_id = _run(vspec, db, address, runs_dir)
+    _summarise(exp_id, db, plot_path)
+
+
+@click.command()
+@db_option
+@runs_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="quickstart.png", show_default=True,
+              help="Where to write the figure.")
+def demo(db: str | None, runs_dir: str | None, plot_path: str) -> None:
+    """Run the quickstart transfer study on bundled digits, then print its table and write its figure."""
+    from transferlab.service.api import embedded_spec_text
+    from transferlab.service.spec import validate_spec_text
+
+    vspec = validate_spec_text(embedded_spec_text(), "quickstart.yaml (embedded)")
+    exp_id = _run(vspec, db, None, runs_dir)
+    _summarise(exp_id, db, plot_path)
+    console().print(f"results are in the store ({db or 'sqlite:///transferlab.db'}); try "
+                    f"`transferlab status {exp_id}` or `transferlab query \"SELECT * FROM trials LIMIT 5\"`")

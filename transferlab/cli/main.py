@@ -1,0 +1,62 @@
+"""The root ``transferlab`` group. Expected errors become ``click.ClickException`` here, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from transferlab import __version__
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Error types that mean "bad input or environment", shown as one clean message."""
+    from transferlab.registry import RegistryError, UnknownPluginError
+    from transferlab.service.spec_yaml import SpecError
+
+    errors: list[type[BaseException]] = [SpecError, UnknownPluginError, RegistryError, FileNotFoundError]
+    try:
+        from transferlab.service.store import StoreError
+
+        errors.append(StoreError)
+    except ImportError:  # pragma: no cover - the store is part of the package
+        pass
+    from transferlab.service.driver import DriverError
+
+    errors.append(DriverError)
+    return tuple(errors)
+
+
+class TransferlabGroup(click.Group):
+    """A group that turns transferlab's expected errors into ``error: ...`` and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if isinstance(exc, _expected_errors()):
+                raise click.ClickException(str(exc)) from exc
+            raise
+
+
+@click.group(cls=TransferlabGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="transferlab")
+def cli() -> None:
+    """Transfer and multitask learning studies with pluggable CNN backbones and heads.
+
+    Write a YAML spec, `transferlab validate` it, `transferlab submit` it, then read the store
+    with `status`, `results`, `plot` and `query`. `transferlab demo` runs a small study end to end.
+    """
+
+
+def _register() -> None:
+    from transferlab.cli import experiments, plugins, reports
+
+    for command in (experiments.demo, experiments.validate, experiments.submit, reports.status, reports.results,
+                    reports.plot, reports.query, plugins.plugins):
+        cli.add_command(command)
+
+
+_register()

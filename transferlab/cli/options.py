@@ -1,0 +1,52 @@
+"""Options and output helpers shared by the commands."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+db_option = click.option(
+    "--db", envvar="TRANSFERLAB_DB", default=None, metavar="URL",
+    help="Store URL: sqlite:///path.db, a .db path, or postgresql://user@host/db "
+         "[env TRANSFERLAB_DB; default ./transferlab.db].",
+)
+output_option = click.option(
+    "--output", "-O", "output", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+    show_default=True, help="Output format.",
+)
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def print_frame(frame: Any, output: str, title: str | None = None) -> None:
+    """Print a pandas DataFrame as a rich table, CSV, JSON records or Markdown."""
+    if output == "csv":
+        click.echo(frame.to_csv(index=False), nl=False)
+    elif output == "json":
+        click.echo(json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2))
+    elif output == "markdown":
+        click.echo(frame_markdown(frame))
+    else:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in frame.columns:
+            table.add_column(str(col))
+        for row in frame.itertuples(index=False):
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console().print(table)
+
+
+def frame_markdown(frame: Any) -> str:
+    """A GitHub Markdown table (no extra dependency)."""
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    return "\n".join(lines)

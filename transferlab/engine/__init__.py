@@ -1,0 +1,1 @@
+"""Model assembly, freezing, the fit() loop and checkpoints."""

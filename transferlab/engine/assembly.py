@@ -1,0 +1,70 @@
+"""Build tasks, backbones, heads and models from registry names and option dicts."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from transferlab.backbones.base import Backbone, FeatureInfo
+from transferlab.engine.model import TransferModel
+from transferlab.registry import BACKBONES, HEADS, TASKS
+from transferlab.tasks.base import TargetSpec, Task
+
+TIMM_PREFIX = "timm/"
+
+
+def check_options(kind: str, name: str, factory: Callable[..., Any], options: Mapping[str, Any],
+                  reserved: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` naming any option that ``factory`` does not accept."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved]
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ValueError(f"{kind} '{name}' has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are: {', '.join(allowed) or '(none)'}")
+
+
+def backbone_factory(name: str) -> tuple[Callable[..., Backbone], dict[str, Any]]:
+    """The factory for a backbone name and the options its name implies (``timm/NAME``)."""
+    if name.startswith(TIMM_PREFIX):
+        return BACKBONES.get("timm"), {"model_name": name[len(TIMM_PREFIX):]}
+    return BACKBONES.get(name), {}
+
+
+def build_task(name: str, options: Mapping[str, Any] | None = None, *, classes: Sequence[int] | None = None) -> Task:
+    """Instantiate task ``name``; ``classes`` selects a class subset (an A or B split)."""
+    factory = TASKS.get(name)
+    options = dict(options or {})
+    check_options("task", name, factory, options, reserved=("classes",))
+    return factory(classes=list(classes) if classes is not None else None, **options)
+
+
+def build_backbone(name: str, options: Mapping[str, Any] | None, target: TargetSpec) -> Backbone:
+    """Instantiate backbone ``name`` for the task's input channels (unless the options set them)."""
+    factory, implied = backbone_factory(name)
+    options = dict(options or {})
+    check_options("backbone", name, factory, options, reserved=tuple(implied))
+    kwargs = {"in_channels": target.in_channels, **implied, **options}
+    backbone = factory(**kwargs)
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone '{name}' returned {type(backbone).__name__}, not a transferlab Backbone")
+    return backbone
+
+
+def build_head(name: str, options: Mapping[str, Any] | None, feature_info: FeatureInfo, target: TargetSpec) -> Any:
+    """Instantiate head ``name`` from the backbone's feature metadata and the task's target."""
+    factory = HEADS.get(name)
+    options = dict(options or {})
+    check_options("head", name, factory, options)
+    return factory(feature_info, target, **options)
+
+
+def build_model(backbone: tuple[str, Mapping[str, Any]], head: tuple[str, Mapping[str, Any]], task: Task, *,
+                freeze_depth: int = 0, bn_policy: str = "frozen") -> TransferModel:
+    """A ``TransferModel`` for ``task`` from (name, options) pairs of a backbone and a head."""
+    bb = build_backbone(backbone[0], backbone[1], task.target)
+    hd = build_head(head[0], head[1], bb.feature_info, task.target)
+    return TransferModel(bb, hd, freeze_depth=freeze_depth, bn_policy=bn_policy)

@@ -1,0 +1,243 @@
+"""The one training loop, used by Ray Tune trials and by local runs alike.
+
+Read it top to bottom: build the optimiser (one parameter group per stage, so each can have its own
+learning-rate multiplier), then per epoch train, evaluate on val, report; finally evaluate on test
+with the best (or last) weights and write a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.engine.checkpoint import save_checkpoint
+from transferlab.engine.model import TransferModel
+from transferlab.tasks.base import InMemoryDataset, Task
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the trial fails with where it happened."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"non-finite loss {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+@dataclass
+class FitConfig:
+    """Training settings (the spec's ``train`` section)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.1
+    early_stopping_patience: int | None = None
+    amp: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    stage_lr_mult: Sequence[float] | None = None
+    head_lr_mult: float = 1.0
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: per-epoch metrics, the final test metrics and where the checkpoint is."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    test: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    epochs_run: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def iterate_batches(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, num_workers: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Batches of ``dataset``; in-memory data sets are sliced directly instead of collated."""
+    if isinstance(dataset, InMemoryDataset):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            yield dataset.batch(order[start : start + batch_size])
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
+    yield from loader
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def build_optimizer(model: TransferModel, config: FitConfig) -> torch.optim.Optimizer:
+    """One parameter group per trainable stage and one for the head, each with its lr multiplier."""
+    groups = []
+    for name, params in model.stage_parameter_groups():
+        if name == "head":
+            mult = config.head_lr_mult
+        else:
+            index = int(name.split(":")[1])
+            mult = config.stage_lr_mult[index] if config.stage_lr_mult else 1.0
+        groups.append({"params": params, "lr": config.lr * mult, "name": name})
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, config: FitConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-epoch schedule: cosine to zero over ``epochs``, step decay, or none."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    if config.schedule == "none":
+        return None
+    raise ValueError(f"schedule must be 'cosine', 'step' or 'none', got {config.schedule!r}")
+
+
+def evaluate(model: TransferModel, task: Task, dataset: Dataset, config: FitConfig, device: torch.device,
+             autocast: Callable[[], Any]) -> dict[str, float]:
+    """Mean loss and the task's metrics over ``dataset``, in eval mode without gradients."""
+    model.eval()
+    metrics = {k: m.to(device) for k, m in task.metrics().items()}
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in iterate_batches(dataset, config.eval_batch_size, shuffle=False, generator=None,
+                                     num_workers=config.num_workers):
+            batch = to_device(batch, device)
+            with autocast():
+                outputs = model(batch)
+            n = len(batch["image"])
+            total += float(task.loss(outputs, batch)) * n
+            count += n
+            task.update_metrics(metrics, outputs, batch)
+    out = {"loss": total / max(count, 1)}
+    out.update({k: float(m.compute()) for k, m in metrics.items()})
+    return out
+
+
+def fit(
+    model: TransferModel,
+    task: Task,
+    config: FitConfig,
+    *,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_metadata: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``task`` and evaluate it.
+
+    Args:
+        model: The model; its frozen prefix is respected.
+        task: Provides the data sets, the loss and the metrics.
+        config: Training settings.
+        on_epoch: Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/accuracy": ...}).
+        checkpoint_path: Where to write the final weights (safetensors), if given.
+        checkpoint_metadata: Stored in the checkpoint's header.
+
+    Raises:
+        NonFiniteLossError: The loss became NaN or infinite.
+    """
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    model.to(device)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def autocast() -> Any:
+        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp)
+
+    optimizer = build_optimizer(model, config)
+    schedule = build_schedule(optimizer, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_set, val_set, test_set = (task.dataset(s) for s in ("train", "val", "test"))
+    primary, sign = task.primary_metric, (1.0 if task.higher_is_better else -1.0)
+    result = FitResult()
+    best_score, best_state, stale = -math.inf, None, 0
+
+    for epoch in range(1, config.epochs + 1):
+        # -- train one epoch ----------------------------------------------------------------------
+        model.train()
+        metrics = {k: m.to(device) for k, m in task.metrics().items()}
+        total, count = 0.0, 0
+        for batch in iterate_batches(train_set, config.batch_size, shuffle=True, generator=generator,
+                                     num_workers=config.num_workers):
+            batch = to_device(batch, device)
+            with autocast():
+                outputs = model(batch)
+                loss = task.loss(outputs, batch)
+            result.steps += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(epoch, result.steps, value)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = len(batch["image"])
+            total, count = total + value * n, count + n
+            task.update_metrics(metrics, outputs, batch)
+        if schedule is not None:
+            schedule.step()
+
+        # -- evaluate and report ------------------------------------------------------------------
+        row = {"train/loss": total / max(count, 1)}
+        row.update({f"train/{k}": float(m.compute()) for k, m in metrics.items()})
+        row.update({f"val/{k}": v for k, v in evaluate(model, task, val_set, config, device, autocast).items()})
+        row["lr"] = optimizer.param_groups[-1]["lr"]
+        result.history.append(row)
+        result.epochs_run = epoch
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+
+        # -- early stopping on the primary validation metric --------------------------------------
+        score = sign * row[f"val/{primary}"]
+        if score > best_score:
+            best_score, result.best_epoch, stale = score, epoch, 0
+            if config.early_stopping_patience is not None:
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if config.early_stopping_patience is not None and stale >= config.early_stopping_patience:
+                break
+
+    if best_state is not None:  # evaluate and save the weights of the best validation epoch
+        model.load_state_dict(best_state)
+    result.test = evaluate(model, task, test_set, config, device, autocast)
+    if checkpoint_path is not None:
+        meta = dict(checkpoint_metadata or {}, epoch=result.best_epoch or result.epochs_run)
+        result.checkpoint = save_checkpoint(model, checkpoint_path, meta)
+    result.seconds = time.perf_counter() - started
+    return result

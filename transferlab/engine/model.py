@@ -1,0 +1,95 @@
+"""A backbone and a head as one model, with a frozen prefix and a trainable suffix.
+
+The first ``freeze_depth`` stages are frozen: no parameter of theirs requires a gradient, they run
+under ``torch.no_grad()`` so no activation is kept for backward, and with ``bn_policy="frozen"``
+they stay in eval mode after ``model.train()`` (BatchNorm keeps its running statistics, dropout is
+off), which makes the frozen prefix a fixed function of its input. ``bn_policy="train"`` lets the
+frozen stages follow ``train()``, so BatchNorm statistics adapt to the new data while weights stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from transferlab.backbones.base import Backbone, check_depth
+
+BN_POLICIES = ("frozen", "train")
+
+
+class TransferModel(nn.Module):
+    """``backbone -> head`` with an explicit frozen prefix.
+
+    Args:
+        backbone: A ``Backbone``.
+        head: A head built from ``backbone.feature_info``.
+        freeze_depth: Number of leading stages to freeze (0 = none, ``len(stages)`` = all).
+        bn_policy: "frozen" or "train", see the module docstring.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, *, freeze_depth: int = 0, bn_policy: str = "frozen"):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.freeze_depth = 0
+        self.bn_policy = "frozen"
+        self.set_freeze(freeze_depth, bn_policy)
+
+    def set_freeze(self, depth: int, bn_policy: str = "frozen") -> None:
+        """Freeze ``stages[0:depth]`` and unfreeze the rest."""
+        check_depth(depth, self.backbone.feature_info, type(self.backbone).__name__)
+        if bn_policy not in BN_POLICIES:
+            raise ValueError(f"bn_policy must be one of {BN_POLICIES}, got {bn_policy!r}")
+        self.freeze_depth, self.bn_policy = depth, bn_policy
+        for i, stage in enumerate(self.backbone.stages):
+            stage.requires_grad_(i >= depth)
+        self.train(self.training)
+
+    @property
+    def frozen_stages(self) -> nn.ModuleList:
+        return self.backbone.stages[: self.freeze_depth]
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        if self.bn_policy == "frozen":
+            for stage in self.frozen_stages:
+                stage.eval()
+        return self
+
+    def forward_frozen(self, x: Tensor) -> list[Tensor]:
+        """Features of the frozen prefix, computed without building an autograd graph."""
+        features: list[Tensor] = []
+        with torch.no_grad():
+            for stage in self.frozen_stages:
+                x = stage(x)
+                features.append(x)
+        return features
+
+    def forward_trainable(self, x: Tensor, features: list[Tensor]) -> list[Tensor]:
+        """Continue from the frozen prefix's last output ``x`` through the trainable stages."""
+        features = list(features)
+        for stage in self.backbone.stages[self.freeze_depth :]:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        frozen = self.forward_frozen(x)
+        return self.forward_trainable(frozen[-1] if frozen else x, frozen)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.head(self.forward_features(batch["image"]), batch)
+
+    def stage_parameter_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Trainable parameters grouped as ("stage:<i>", params) per stage and ("head", params)."""
+        groups = []
+        for i, stage in enumerate(self.backbone.stages):
+            params = [p for p in stage.parameters() if p.requires_grad]
+            if params:
+                groups.append((f"stage:{i}", params))
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        if head:
+            groups.append(("head", head))
+        return groups

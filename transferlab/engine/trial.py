@@ -1,0 +1,74 @@
+"""Run one planned trial from its plain-dict config: the code a Ray worker (or a local run) executes."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferlab.engine.assembly import build_model, build_task
+from transferlab.engine.checkpoint import load_backbone_stages
+from transferlab.engine.fit import EpochCallback, FitConfig, FitResult, fit
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fit_config(config: dict[str, Any], num_stages: int) -> FitConfig:
+    """The ``FitConfig`` of a trial: the spec's train section, its seed, and fine-tuning multipliers."""
+    known = {f.name for f in fields(FitConfig)}
+    train = {k: v for k, v in config["train"].items() if k in known}
+    mult = list(train.get("stage_lr_mult") or [1.0] * num_stages)
+    # Copied stages that are fine-tuned (AnB+, BnB+) may learn slower: the lecture's 1/10 rule.
+    for i in range(config.get("copy_depth", 0)):
+        if i >= config.get("freeze_depth", 0):
+            mult[i] *= config.get("fine_tune_lr_mult", 1.0)
+    train["stage_lr_mult"] = mult
+    return FitConfig(**train, seed=config["seed"])
+
+
+def run_trial(config: dict[str, Any], *, checkpoint_path: str | Path | None = None,
+              on_epoch: EpochCallback | None = None, threads: int | None = None) -> tuple[FitResult, dict[str, Any]]:
+    """Build the trial's task and model, copy base stages, train and evaluate.
+
+    Args:
+        config: The planner's trial config (see ``transferlab.service.planner``).
+        checkpoint_path: Where to write the trained weights.
+        on_epoch: Per-epoch metrics callback.
+        threads: Torch intra-op threads (the trial's CPU share).
+
+    Returns:
+        The fit result and facts for provenance (data hash, copied tensors).
+    """
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    seed_everything(int(config["seed"]))
+    task = build_task(config["task"]["name"], config["task"]["options"], classes=config.get("classes"))
+    model = build_model(
+        (config["backbone"]["name"], config["backbone"]["options"]),
+        (config["head"]["name"], config["head"]["options"]),
+        task,
+        freeze_depth=int(config.get("freeze_depth", 0)),
+        bn_policy=config.get("bn_policy", "frozen"),
+    )
+    copied: list[str] = []
+    if config.get("copy_depth"):
+        base = config.get("base_checkpoint")
+        if not base:
+            raise ValueError(f"trial {config.get('trial_key')} copies {config['copy_depth']} stages but has no base checkpoint")
+        copied = load_backbone_stages(model, base, int(config["copy_depth"]))
+    facts = {"data_hash": task.fingerprint(), "copied_tensors": len(copied),
+             "num_stages": model.backbone.num_stages}
+    result = fit(
+        model, task, fit_config(config, model.backbone.num_stages), on_epoch=on_epoch,
+        checkpoint_path=checkpoint_path,
+        checkpoint_metadata={"trial_key": config.get("trial_key"), "freeze_depth": model.freeze_depth},
+    )
+    return result, facts

@@ -1,0 +1,263 @@
+"""Run a planned study with Ray Tune and record everything in the store.
+
+The driver is the only writer of the store: Ray workers report metrics with ``tune.report`` and a
+Tune callback in this process writes them. Trials run level by level (base nets, then the transfer
+nets that copy them); a transfer trial whose base failed is marked ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferlab.service.planner import PlannedTrial, plan_trials
+from transferlab.service.provenance import code_version, library_versions
+from transferlab.service.spec import ValidatedSpec
+
+DEFAULT_RUNS_DIR = "transferlab-runs"
+SPLITS = ("train", "val", "test")
+
+
+
+class DriverError(RuntimeError):
+    """The study cannot be run as asked (resources, cluster, store)."""
+
+
+def runs_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """Where checkpoints and Tune's files go: ``--runs-dir``, ``TRANSFERLAB_RUNS`` or ./transferlab-runs."""
+    return Path(path or os.environ.get("TRANSFERLAB_RUNS") or DEFAULT_RUNS_DIR).resolve()
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the Ray cluster at ``address``, or start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False)
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise DriverError(f"could not start or reach {where}: {exc}") from exc
+
+
+def check_resources(vspec: ValidatedSpec) -> None:
+    """Refuse a trial that can never be scheduled on this Ray cluster."""
+    import ray
+
+    need = vspec.spec.resources
+    have = ray.cluster_resources()
+    if need.cpu > have.get("CPU", 0):
+        raise DriverError(f"resources.cpu: each trial asks for {need.cpu} CPUs; the Ray cluster has "
+                          f"{have.get('CPU', 0):g}")
+    if need.gpu > have.get("GPU", 0):
+        raise DriverError(f"resources.gpu: each trial asks for {need.gpu} GPUs; the Ray cluster has "
+                          f"{have.get('GPU', 0):g}")
+
+
+def _dirname(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("+", "plus"))
+
+
+def ray_trainable(config: dict[str, Any]) -> None:
+    """The Ray Tune function trainable: run one trial and report every epoch, then the test metrics."""
+    from ray import tune
+
+    from transferlab.engine.trial import run_trial
+
+    trial = config["trial"]
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        tune.report({"epoch": epoch, **row})
+
+    result, facts = run_trial(trial, checkpoint_path=trial["checkpoint_path"], on_epoch=on_epoch,
+                              threads=trial.get("threads"))
+    final = {f"test/{k}": v for k, v in result.test.items()}
+    tune.report({"epoch": result.epochs_run, "final": 1, "best_epoch": result.best_epoch, "steps": result.steps,
+                 "fit_seconds": result.seconds, "checkpoint_path": str(result.checkpoint), **facts, **final})
+
+
+def metric_rows(result: dict[str, Any]) -> list[tuple[int, str, str, float]]:
+    """(epoch, split, name, value) rows from a reported result dict."""
+    epoch = int(result["epoch"])
+    rows = []
+    for key, value in result.items():
+        split, _, name = key.partition("/")
+        if split in SPLITS and name and isinstance(value, (int, float)):
+            rows.append((epoch, split, name, float(value)))
+    if isinstance(result.get("lr"), (int, float)):
+        rows.append((epoch, "train", "lr", float(result["lr"])))
+    return rows
+
+
+def error_message(error: BaseException | None) -> str:
+    """A one-paragraph reason from a (possibly Ray-wrapped) trial exception."""
+    if error is None:
+        return "unknown error"
+    text = str(error).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Ray wraps the worker's traceback; its last line is "ExceptionType: message".
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+@dataclass
+class StudyRun:
+    """State shared by the driver and its Tune callback."""
+
+    store: Any
+    experiment_id: int
+    trial_ids: dict[str, int]
+    on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None
+    status: dict[str, str] = field(default_factory=dict)
+    final: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
+    from ray import tune
+
+    class StoreCallback(tune.Callback):
+        """Writes trial starts, per-epoch metrics and outcomes to the store (driver process)."""
+
+        def _key(self, trial: Any) -> str:
+            return trial.config["trial"]["trial_key"]
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            key = self._key(trial)
+            run.store.start_trial(run.trial_ids[key], ray_trial_id=trial.trial_id)
+            run.status[key] = "running"
+            if run.on_event:
+                run.on_event("start", by_key[key], {})
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            key = self._key(trial)
+            run.store.add_metrics(run.trial_ids[key], metric_rows(result))
+            if result.get("final"):
+                run.final[key] = dict(result)
+            elif run.on_event:
+                run.on_event("epoch", by_key[key], result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            key = self._key(trial)
+            final = run.final.get(key)
+            if final is None:  # the trainable returned without its final report
+                self._fail(key, "trial ended without reporting test metrics")
+                return
+            run.store.finish_trial(
+                run.trial_ids[key], "completed", checkpoint_path=final["checkpoint_path"],
+                provenance_update={k: final.get(k) for k in ("data_hash", "best_epoch", "steps", "fit_seconds",
+                                                             "copied_tensors", "num_stages")},
+            )
+            run.status[key] = "completed"
+            if run.on_event:
+                run.on_event("completed", by_key[key], final)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._fail(self._key(trial), error_message(trial.get_error()))
+
+        def _fail(self, key: str, reason: str) -> None:
+            run.store.finish_trial(run.trial_ids[key], "failed", error=reason)
+            run.status[key] = "failed"
+            if run.on_event:
+                run.on_event("failed", by_key[key], {"error": reason})
+
+    return StoreCallback()
+
+
+def run_level(run: StudyRun, vspec: ValidatedSpec, trials: list[PlannedTrial], configs: list[dict[str, Any]],
+              storage: Path, name: str) -> None:
+    """Run one level of the trial graph as one Tune experiment."""
+    from ray import tune
+
+    # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what the store keeps; skip them.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    by_key = {t.key: t for t in trials}
+    experiment = vspec.spec.name
+    res = vspec.spec.resources
+    trainable = tune.with_resources(ray_trainable, {"cpu": res.cpu, "gpu": res.gpu})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            trial_name_creator=lambda t: by_key[t.config["trial"]["trial_key"]].display_name(experiment),
+            trial_dirname_creator=lambda t: _dirname(by_key[t.config["trial"]["trial_key"]].display_name(experiment)),
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage), callbacks=[_make_callback(run, by_key)], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=vspec.spec.max_failures),
+        ),
+    )
+    tuner.fit()
+
+
+def run_study(vspec: ValidatedSpec, store: Any, *, address: str | None = None, runs: Path | None = None,
+              on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
+              on_created: Callable[[int, list[PlannedTrial]], None] | None = None) -> int:
+    """Record the experiment and its planned trials, run them through Ray Tune, and return its id."""
+    from transferlab.service.store import TrialRecord
+
+    trials = plan_trials(vspec)
+    storage = runs_dir(runs)
+    ensure_ray(address)
+    check_resources(vspec)
+    spec = vspec.spec
+    exp_id = store.create_experiment(
+        name=spec.name, study=spec.study, spec_text=vspec.text, spec_json=spec.model_dump(mode="json"),
+        spec_hash=vspec.spec_hash, primary_metric=vspec.primary_metric, higher_is_better=vspec.higher_is_better,
+        storage_path=str(storage), code_version=code_version(),
+    )
+    folder = storage / f"{_dirname(spec.name)}-{exp_id}"
+    provenance = {"code_version": code_version(), "libraries": library_versions()}
+    configs = {}
+    records = []
+    for t in trials:
+        cfg = t.config(vspec)
+        cfg.update(checkpoint_path=str(folder / "checkpoints" / _dirname(t.key) / "model.safetensors"),
+                   threads=max(1, int(spec.resources.cpu)), experiment_id=exp_id)
+        configs[t.key] = cfg
+        records.append(TrialRecord(key=t.key, role=t.role, condition=t.condition, depth=t.depth, seed=t.seed,
+                                   split=t.split, bn_policy=t.bn_policy, config=cfg, base_key=t.base_key,
+                                   data_hash=None, provenance=provenance))
+    trial_ids = store.add_trials(exp_id, records)
+    if on_created:
+        on_created(exp_id, trials)
+    run = StudyRun(store, exp_id, trial_ids, on_event=on_event)
+    store.set_experiment_status(exp_id, "running", started=True)
+    try:
+        for level in sorted({t.level for t in trials}):
+            ready = []
+            for t in (t for t in trials if t.level == level):
+                if t.base_key is not None and run.status.get(t.base_key) != "completed":
+                    reason = f"base trial {t.base_key} did not complete ({run.status.get(t.base_key, 'not run')})"
+                    store.finish_trial(trial_ids[t.key], "skipped", error=reason)
+                    run.status[t.key] = "skipped"
+                    if on_event:
+                        on_event("skipped", t, {"error": reason})
+                    continue
+                if t.base_key is not None:
+                    configs[t.key]["base_checkpoint"] = configs[t.base_key]["checkpoint_path"]
+                ready.append(t)
+            if ready:
+                run_level(run, vspec, ready, [configs[t.key] for t in ready], folder / "tune", f"level{level}")
+    except BaseException:
+        _cancel_unfinished(run, trials)
+        store.set_experiment_status(exp_id, "cancelled", finished=True)
+        raise
+    _cancel_unfinished(run, trials)
+    done = all(run.status.get(t.key) == "completed" for t in trials)
+    store.set_experiment_status(exp_id, "completed" if done else "failed", finished=True)
+    return exp_id
+
+
+def _cancel_unfinished(run: StudyRun, trials: list[PlannedTrial]) -> None:
+    for t in trials:
+        if run.status.get(t.key) in (None, "running"):
+            run.store.finish_trial(run.trial_ids[t.key], "cancelled", error="the study stopped before this trial finished")
+            run.status[t.key] = "cancelled"

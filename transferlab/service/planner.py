@@ -1,0 +1,124 @@
+"""Turn a validated spec into a trial graph.
+
+Transfer study (Yosinski et al. 2014), per class split and seed:
+
+| condition | trains on | stages 1..n copied from | stages 1..n during training |
+|---|---|---|---|
+| baseA / baseB | A / B | - (random init) | trained |
+| AnB / AnB+ | B | baseA | frozen / fine-tuned |
+| BnB / BnB+ | B | baseB (the "selffer" control) | frozen / fine-tuned |
+| random | B | - (random init) | frozen (random features) |
+
+Ray Tune has no trial dependencies, so the planner owns the graph: each trial has a ``level``
+(0 = needs nothing, 1 = needs a base net) and ``base_key`` names the trial it copies from.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from transferlab.service.spec import ValidatedSpec
+
+COPY_FROM = {"AnB": "baseA", "AnB+": "baseA", "BnB": "baseB", "BnB+": "baseB"}
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One node of the trial graph."""
+
+    key: str
+    role: str
+    condition: str
+    depth: int
+    seed: int
+    split: str
+    classes: tuple[int, ...] | None
+    freeze_depth: int
+    copy_depth: int
+    base_key: str | None
+    bn_policy: str
+
+    @property
+    def level(self) -> int:
+        return 0 if self.base_key is None else 1
+
+    def display_name(self, experiment: str) -> str:
+        """A descriptive name for Ray's dashboard and logs."""
+        split = "" if self.split in ("given", "all") else f"-{self.split}"
+        return f"{experiment}-{self.condition}-d{self.depth}-s{self.seed}{split}"
+
+    def config(self, vspec: ValidatedSpec) -> dict[str, Any]:
+        """The plain-dict config a trial runs from (JSON-serialisable; no paths yet)."""
+        spec = vspec.spec
+        return {
+            "trial_key": self.key,
+            "role": self.role,
+            "condition": self.condition,
+            "depth": self.depth,
+            "seed": self.seed,
+            "split": self.split,
+            "classes": list(self.classes) if self.classes is not None else None,
+            "freeze_depth": self.freeze_depth,
+            "copy_depth": self.copy_depth,
+            "bn_policy": self.bn_policy,
+            "fine_tune_lr_mult": spec.transfer.fine_tune_lr_mult if spec.transfer else 1.0,
+            "backbone": {"name": spec.backbone.name, "options": spec.backbone.options},
+            "head": {"name": spec.head.name, "options": spec.head.options},
+            "task": {"name": spec.task.name, "options": spec.task.options},
+            "train": spec.train.model_dump(),
+        }
+
+
+def _key(split: str, seed: int, condition: str, depth: int) -> str:
+    return f"{split}/s{seed}/{condition}/d{depth}"
+
+
+def plan_trials(vspec: ValidatedSpec) -> list[PlannedTrial]:
+    """Every trial of the study, base nets before the transfer nets that copy them."""
+    spec = vspec.spec
+    trials: list[PlannedTrial] = []
+    if spec.study == "single":
+        assert spec.single is not None
+        classes = tuple(spec.single.classes) if spec.single.classes is not None else None
+        for seed in spec.seeds:
+            d = spec.single.freeze_depth
+            trials.append(PlannedTrial(_key("all", seed, "single", d), "single", "single", d, seed, "all",
+                                       classes, d, 0, None, spec.single.bn))
+        return trials
+
+    assert spec.transfer is not None
+    bn = spec.transfer.bn
+    for split in vspec.splits:
+        for seed in spec.seeds:
+            base = {
+                "baseA": PlannedTrial(_key(split.id, seed, "baseA", 0), "base", "baseA", 0, seed, split.id,
+                                      split.a, 0, 0, None, bn),
+                "baseB": PlannedTrial(_key(split.id, seed, "baseB", 0), "base", "baseB", 0, seed, split.id,
+                                      split.b, 0, 0, None, bn),
+            }
+            needed = {COPY_FROM[c] for c in spec.transfer.conditions if c in COPY_FROM} | {"baseB"}
+            trials += [base[name] for name in ("baseA", "baseB") if name in needed]
+            for depth in vspec.depths:
+                for condition in spec.transfer.conditions:
+                    key = _key(split.id, seed, condition, depth)
+                    if condition == "random":
+                        trials.append(PlannedTrial(key, "transfer", condition, depth, seed, split.id, split.b,
+                                                   depth, 0, None, bn))
+                        continue
+                    frozen = depth if not condition.endswith("+") else 0
+                    trials.append(PlannedTrial(key, "transfer", condition, depth, seed, split.id, split.b,
+                                               frozen, depth, base[COPY_FROM[condition]].key, bn))
+    return trials
+
+
+def plan_summary(trials: list[PlannedTrial]) -> dict[str, Counter]:
+    """Counts of trials per role, condition, depth and seed (what ``validate`` prints)."""
+    return {
+        "role": Counter(t.role for t in trials),
+        "condition": Counter(t.condition for t in trials),
+        "depth": Counter(t.depth for t in trials),
+        "seed": Counter(t.seed for t in trials),
+        "split": Counter(t.split for t in trials),
+    }

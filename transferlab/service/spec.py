@@ -1,0 +1,276 @@
+"""The experiment spec: a pydantic model of the YAML a researcher writes, validated completely.
+
+``load_spec`` reads and validates a file; ``validate_spec`` also checks everything that needs the
+plugin registries (names, options, class ranges, freeze depths against the backbone's stages), so no
+trial starts and nothing is written for a spec that cannot run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from transferlab.service.spec_yaml import SpecError, parse_spec_yaml, read_spec_text
+
+CONDITIONS = ("AnB", "AnB+", "BnB", "BnB+", "random")
+Condition = Literal["AnB", "AnB+", "BnB", "BnB+", "random"]
+BnPolicy = Literal["frozen", "train"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginRef(BaseModel):
+    """A plugin name with its options: ``convnet`` or ``{name: convnet, widths: [16, 32]}``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=200)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainSpec(_Strict):
+    """Training settings shared by every trial of the study."""
+
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    eval_batch_size: int = Field(256, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    amp: bool = True
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    num_workers: int = Field(0, ge=0, le=64)
+    stage_lr_mult: list[Annotated[float, Field(ge=0, le=100)]] | None = None
+    head_lr_mult: float = Field(1.0, ge=0, le=100)
+
+
+class Resources(_Strict):
+    """What one trial asks of Ray: CPUs and (fractional) GPUs."""
+
+    cpu: float = Field(1.0, gt=0, le=1024)
+    gpu: float = Field(0.0, ge=0, le=64)
+
+
+class GivenSplit(_Strict):
+    """Explicit A and B class lists."""
+
+    A: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    B: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> GivenSplit:
+        for side in ("A", "B"):
+            values = getattr(self, side)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{side} lists a class twice: {values}")
+        common = sorted(set(self.A) & set(self.B))
+        if common:
+            raise ValueError(f"classes {common} are in both A and B; the halves must be disjoint")
+        return self
+
+
+class RandomSplit(_Strict):
+    """Random A/B halves of the task's classes, one split per seed."""
+
+    random: Literal[True]
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(min_length=1, max_length=100)
+    a_classes: int | None = Field(None, ge=1)
+
+
+def _split_kind(value: Any) -> str:
+    return "random" if isinstance(value, dict) and "random" in value else "given"
+
+
+Split = Annotated[
+    Annotated[GivenSplit, Tag("given")] | Annotated[RandomSplit, Tag("random")], Discriminator(_split_kind)
+]
+
+
+class TransferSpec(_Strict):
+    """Yosinski et al. (2014): base nets on A and B, then AnB, AnB+, BnB, BnB+ and random per depth."""
+
+    split: Split
+    depths: Literal["all"] | list[Annotated[int, Field(ge=1)]] = "all"
+    conditions: list[Condition] = Field(default_factory=lambda: list(CONDITIONS), min_length=1)
+    bn: BnPolicy = "frozen"
+    fine_tune_lr_mult: float = Field(1.0, ge=0, le=100)
+
+    @field_validator("depths")
+    @classmethod
+    def _unique_depths(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("depths must be 'all' or a non-empty list of distinct depths")
+        return value
+
+    @field_validator("conditions")
+    @classmethod
+    def _unique_conditions(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"conditions list one twice: {value}")
+        return value
+
+
+class SingleSpec(_Strict):
+    """One backbone + head + task, optionally on a class subset with a frozen prefix."""
+
+    freeze_depth: int = Field(0, ge=0)
+    bn: BnPolicy = "frozen"
+    classes: list[Annotated[int, Field(ge=0)]] | None = None
+
+
+class Spec(_Strict):
+    """A whole experiment."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = ""
+    study: Literal["transfer", "single"]
+    backbone: PluginRef
+    head: PluginRef = PluginRef(name="classify")
+    task: PluginRef
+    train: TrainSpec = TrainSpec()
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=lambda: [0], min_length=1,
+                                                                 max_length=1000)
+    resources: Resources = Resources()
+    max_failures: int = Field(0, ge=0, le=100)
+    transfer: TransferSpec | None = None
+    single: SingleSpec | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds list one twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _study_section(self) -> Spec:
+        if self.study == "transfer" and self.transfer is None:
+            raise ValueError("study 'transfer' needs a 'transfer' section (split, depths, conditions)")
+        if self.study == "transfer" and self.single is not None:
+            raise ValueError("a 'single' section only belongs to study 'single'")
+        if self.study == "single" and self.transfer is not None:
+            raise ValueError("a 'transfer' section only belongs to study 'transfer'")
+        if self.study == "single" and self.single is None:
+            self.single = SingleSpec()
+        return self
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """One A/B split of the task's classes."""
+
+    id: str
+    a: tuple[int, ...]
+    b: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ValidatedSpec:
+    """A spec that passed every check, with the facts the planner needs."""
+
+    spec: Spec
+    text: str
+    source: str
+    stage_names: tuple[str, ...]
+    depths: tuple[int, ...]
+    splits: tuple[ClassSplit, ...]
+    num_classes: int
+    primary_metric: str
+    higher_is_better: bool
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_names)
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.spec.model_dump_json().encode()).hexdigest()
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in parts if not (isinstance(p, str) and p in ("given", "random")))
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model at ``loc`` (for close matches on unknown keys)."""
+    model: Any = Spec
+    for part in loc:
+        if part in ("given", "random"):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            known = _known_fields(loc[:-1])
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append((_loc(loc), f"unknown key{hint} (allowed: {', '.join(known)})"))
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing", "value_error") or isinstance(value, dict) else f" (got {value!r})"
+        problems.append((_loc(loc), msg + shown))
+    return problems
+
+
+def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
+    """Validate the structure and types of a spec mapping."""
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, _pydantic_problems(exc)) from None
+
+
+def load_spec(path: str | Path) -> ValidatedSpec:
+    """Read, parse and completely validate a spec file."""
+    text = read_spec_text(path)
+    return validate_spec_text(text, str(path))
+
+
+def validate_spec_text(text: str, source: str = "<spec>") -> ValidatedSpec:
+    """Parse and completely validate spec text (structure, plugins, classes, depths)."""
+    from transferlab.service.spec_checks import check_spec  # imports the registries
+
+    spec = parse_spec(parse_spec_yaml(text, source), source)
+    return check_spec(spec, text, source)

@@ -1,0 +1,108 @@
+"""Checks of a structurally valid spec against the plugin registries.
+
+Builds the task, backbone and head once on the CPU (pretrained weights off) so that every name,
+option, class index and freeze depth is known to work before anything is written or submitted.
+"""
+
+from __future__ import annotations
+
+import random
+
+from transferlab.registry import HEADS, TASKS, UnknownPluginError
+from transferlab.service.spec import ClassSplit, Spec, ValidatedSpec
+from transferlab.service.spec_yaml import SpecError
+
+
+def _random_split(num_classes: int, seed: int, a_classes: int | None) -> ClassSplit:
+    classes = list(range(num_classes))
+    random.Random(seed).shuffle(classes)
+    n_a = a_classes if a_classes is not None else num_classes // 2
+    return ClassSplit(f"random-{seed}", tuple(sorted(classes[:n_a])), tuple(sorted(classes[n_a:])))
+
+
+def _class_splits(spec: Spec, num_classes: int, problems: list[tuple[str, str]]) -> tuple[ClassSplit, ...]:
+    assert spec.transfer is not None
+    split = spec.transfer.split
+    if hasattr(split, "random"):
+        if split.a_classes is not None and not 1 <= split.a_classes < num_classes:
+            problems.append(("transfer.split.a_classes",
+                             f"must leave classes for both halves: 1..{num_classes - 1} (got {split.a_classes})"))
+            return ()
+        if num_classes < 2:
+            problems.append(("transfer.split", f"the task has {num_classes} class; a split needs at least 2"))
+            return ()
+        return tuple(_random_split(num_classes, s, split.a_classes) for s in split.seeds)
+    for side in ("A", "B"):
+        bad = [c for c in getattr(split, side) if c >= num_classes]
+        if bad:
+            problems.append((f"transfer.split.{side}",
+                             f"classes {bad} do not exist; the task has classes 0..{num_classes - 1}"))
+    for side in ("A", "B"):
+        if len(getattr(split, side)) < 2:
+            problems.append((f"transfer.split.{side}", "needs at least 2 classes to train a classifier"))
+    return (ClassSplit("given", tuple(split.A), tuple(split.B)),)
+
+
+def _check_depths(loc: str, depths: list[int], stage_names: tuple[str, ...], backbone: str,
+                  problems: list[tuple[str, str]]) -> None:
+    n = len(stage_names)
+    for d in depths:
+        if d > n:
+            problems.append((loc, f"depth {d} is deeper than backbone '{backbone}' "
+                                  f"({n} stages: {', '.join(stage_names)})"))
+
+
+def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
+    """Check plugin names, options, classes and depths; raise ``SpecError`` listing every problem."""
+    from transferlab.engine.assembly import backbone_factory, build_backbone, build_head, build_task
+
+    problems: list[tuple[str, str]] = []
+    for loc, registry, name in (("task.name", TASKS, spec.task.name), ("head.name", HEADS, spec.head.name)):
+        if name not in registry:
+            problems.append((loc, registry.unknown_message(name)))
+    try:
+        backbone_factory(spec.backbone.name)
+    except UnknownPluginError as exc:
+        problems.append(("backbone.name", str(exc)))
+    if problems:
+        raise SpecError(source, problems)
+
+    try:
+        task = build_task(spec.task.name, spec.task.options)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(source, [("task", str(exc))]) from None
+    try:
+        backbone = build_backbone(spec.backbone.name, spec.backbone.options, task.target)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SpecError(source, [("backbone", str(exc))]) from None
+    try:
+        build_head(spec.head.name, spec.head.options, backbone.feature_info, task.target)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(source, [("head", str(exc))]) from None
+
+    stage_names = tuple(backbone.feature_info.names)
+    num_classes = task.target.num_classes or 0
+    lr_mult = spec.train.stage_lr_mult
+    if lr_mult is not None and len(lr_mult) != len(stage_names):
+        problems.append(("train.stage_lr_mult", f"needs one multiplier per stage: {len(stage_names)} "
+                                                f"({', '.join(stage_names)}), got {len(lr_mult)}"))
+    depths: tuple[int, ...] = ()
+    splits: tuple[ClassSplit, ...] = ()
+    if spec.transfer is not None:
+        splits = _class_splits(spec, num_classes, problems)
+        if spec.transfer.depths == "all":
+            depths = tuple(range(1, len(stage_names) + 1))
+        else:
+            depths = tuple(sorted(spec.transfer.depths))
+            _check_depths("transfer.depths", list(depths), stage_names, spec.backbone.name, problems)
+    if spec.single is not None:
+        _check_depths("single.freeze_depth", [spec.single.freeze_depth], stage_names, spec.backbone.name, problems)
+        bad = [c for c in spec.single.classes or [] if c >= num_classes]
+        if bad:
+            problems.append(("single.classes", f"classes {bad} do not exist; the task has classes 0..{num_classes - 1}"))
+    if problems:
+        raise SpecError(source, problems)
+    return ValidatedSpec(
+        spec=spec, text=text, source=source, stage_names=stage_names, depths=depths, splits=splits,
+        num_classes=num_classes, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better,
+    )

@@ -1,0 +1,1 @@
+"""Specs shipped with the package (``transferlab demo`` runs quickstart.yaml)."""

@@ -1,0 +1,159 @@
+"""The task contract: data for train/val/test, the target it provides, its loss and metrics.
+
+A task never sees a model, only the head's output dict and the batch dict. Batches are dicts:
+``image`` (float, N x C x H x W, normalised), and per target kind ``label`` (long, N), ``mask``
+(long, N x H x W), ``box`` (float, N x 4, normalised cx, cy, w, h) or ``caption`` (list of str).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a task asks a head to predict; heads are built from this and the backbone's feature_info.
+
+    Attributes:
+        kind: "label", "mask", "box", "caption", "image" or "sequence_label".
+        num_classes: Classes of a label or mask target.
+        in_channels: Channels of the input images (the backbone is built for this).
+        image_size: Input height and width in pixels.
+        class_names: Human-readable class names, index-aligned with the labels.
+    """
+
+    kind: str
+    num_classes: int | None = None
+    in_channels: int = 3
+    image_size: tuple[int, int] = (32, 32)
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+class InMemoryDataset(Dataset):
+    """Samples held as stacked tensors, with optional per-sample Python values (e.g. captions).
+
+    ``batch(indices)`` gathers a whole batch with one tensor index per field, which is far faster
+    than collating single samples for small bundled data sets.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], extras: dict[str, list[Any]] | None = None) -> None:
+        sizes = {len(t) for t in tensors.values()} | {len(v) for v in (extras or {}).values()}
+        if len(sizes) != 1:
+            raise ValueError(f"all fields must have the same number of samples, got sizes {sorted(sizes)}")
+        self.tensors = tensors
+        self.extras = extras or {}
+        self._len = sizes.pop()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {k: t[index] for k, t in self.tensors.items()}
+        item.update({k: v[index] for k, v in self.extras.items()})
+        return item
+
+    def batch(self, indices: Tensor) -> dict[str, Any]:
+        """The samples at ``indices`` (a 1-D long tensor) as one batch dict."""
+        out: dict[str, Any] = {k: t[indices] for k, t in self.tensors.items()}
+        idx = indices.tolist()
+        out.update({k: [v[i] for i in idx] for k, v in self.extras.items()})
+        return out
+
+
+def stable_hash(obj: Any) -> str:
+    """A short SHA-256 of a JSON-serialisable object or of raw bytes/tensors."""
+    h = hashlib.sha256()
+    if isinstance(obj, Tensor):
+        h.update(obj.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(obj, bytes):
+        h.update(obj)
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class Task(ABC):
+    """Base class of every task.
+
+    Subclasses set ``name``, ``target``, ``primary_metric`` and ``higher_is_better`` and implement
+    ``dataset``, ``loss`` and ``metrics``.
+    """
+
+    name: str = "task"
+    target: TargetSpec
+    primary_metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def dataset(self, split: str) -> Dataset:
+        """The data set of ``split`` ("train", "val" or "test")."""
+
+    @abstractmethod
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
+        """Scalar training loss from the head's outputs and the batch."""
+
+    @abstractmethod
+    def metrics(self) -> dict[str, Any]:
+        """Fresh metric objects by name (torchmetrics ``Metric`` instances), primary one included."""
+
+    @abstractmethod
+    def update_metrics(self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]) -> None:
+        """Feed one batch to the metric objects returned by ``metrics``."""
+
+    def fingerprint(self) -> str:
+        """A hash identifying the exact samples, classes and transforms of every split."""
+        return stable_hash(self.describe())
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable description for provenance (name, target, options)."""
+        return {"name": self.name, "target": asdict(self.target)}
+
+
+class ClassificationTask(Task):
+    """A task whose target is one class label per image: cross-entropy and accuracy."""
+
+    primary_metric = "accuracy"
+    higher_is_better = True
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
+        return torch.nn.functional.cross_entropy(outputs["logits"].float(), batch["label"])
+
+    def metrics(self) -> dict[str, Any]:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        assert self.target.num_classes is not None
+        return {"accuracy": MulticlassAccuracy(num_classes=self.target.num_classes, average="micro")}
+
+    def update_metrics(self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]) -> None:
+        metrics["accuracy"].update(outputs["logits"].detach().float(), batch["label"])
+
+
+def remap_classes(labels: Tensor, classes: Sequence[int] | None, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Select samples whose label is in ``classes`` and renumber those labels 0..len(classes)-1.
+
+    Returns:
+        (mask of kept samples, new labels of the kept samples). ``None`` keeps every class.
+    """
+    if classes is None:
+        return torch.ones_like(labels, dtype=torch.bool), labels.clone()
+    bad = [c for c in classes if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} are out of range; this task has classes 0..{num_classes - 1}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes {list(classes)} contain duplicates")
+    lookup = torch.full((num_classes,), -1, dtype=torch.long)
+    lookup[torch.tensor(list(classes), dtype=torch.long)] = torch.arange(len(classes))
+    new = lookup[labels]
+    keep = new >= 0
+    return keep, new[keep]
