@@ -72,8 +72,9 @@ def test_every_depth_freezes_exactly_its_stages(backbone: Backbone, bn_policy: s
     initial = {k: v.clone() for k, v in backbone.state_dict().items()}
     for depth in range(n + 1):
         backbone.load_state_dict(initial)
-        model = TransferModel(backbone, classify(backbone.feature_info, TARGET), freeze_depth=depth,
-                              bn_policy=bn_policy)
+        model = TransferModel(
+            backbone, classify(backbone.feature_info, TARGET), freeze_depth=depth, bn_policy=bn_policy
+        )
         for i, stage in enumerate(backbone.stages):
             for p in stage.parameters():
                 assert p.requires_grad == (i >= depth), (depth, i)
@@ -87,10 +88,12 @@ def test_every_depth_freezes_exactly_its_stages(backbone: Backbone, bn_policy: s
                 # Frozen means frozen: parameters always, buffers too under bn: frozen.
                 assert torch.equal(after[key], value), (depth, key)
         trainable_changed = any(
-            not torch.equal(after[k], before[k]) for k, _ in backbone.named_parameters() if int(k.split(".")[1]) >= depth
+            not torch.equal(after[k], before[k])
+            for k, _ in backbone.named_parameters()
+            if int(k.split(".")[1]) >= depth
         )
-        assert trainable_changed or depth == n or all(
-            not list(s.parameters()) for s in backbone.stages[depth:]
+        assert (
+            trainable_changed or depth == n or all(not list(s.parameters()) for s in backbone.stages[depth:])
         )
         if bn_policy == "train" and depth and bn_with_stats(backbone.stages[0]):
             key = next(k for k in before if k.startswith("stages.0.") and k.endswith("running_mean"))
@@ -109,7 +112,9 @@ def test_frozen_prefix_builds_no_graph(backbone: Backbone) -> None:
 
 def test_depth_beyond_backbone_is_rejected() -> None:
     backbone = make("lenet5")
-    with pytest.raises(ValueError, match=r"depth 6 is deeper than backbone .* \(5 stages: c1, s2, c3, s4, c5\)"):
+    with pytest.raises(
+        ValueError, match=r"depth 6 is deeper than backbone .* \(5 stages: c1, s2, c3, s4, c5\)"
+    ):
         TransferModel(backbone, classify(backbone.feature_info, TARGET), freeze_depth=6)
 
 

@@ -72,7 +72,9 @@ class Backbone(nn.Module):
         in_channels: Channels of the input the backbone was built for.
     """
 
-    def __init__(self, stages: Sequence[nn.Module], feature_info: Sequence[StageInfo], in_channels: int) -> None:
+    def __init__(
+        self, stages: Sequence[nn.Module], feature_info: Sequence[StageInfo], in_channels: int
+    ) -> None:
         super().__init__()
         if len(stages) != len(feature_info):
             raise ValueError(f"{len(stages)} stages but {len(feature_info)} feature_info entries")
@@ -103,5 +105,8 @@ def check_depth(depth: int, feature_info: FeatureInfo, backbone_name: str) -> No
     n = len(feature_info)
     if not 0 <= depth <= n:
         names = ", ".join(feature_info.names)
-        raise ValueError(f"depth {depth} is deeper than backbone '{backbone_name}' ({n} stages: {names})"
-                         if depth > n else f"depth {depth} is negative; depths run from 0 to {n}")
+        raise ValueError(
+            f"depth {depth} is deeper than backbone '{backbone_name}' ({n} stages: {names})"
+            if depth > n
+            else f"depth {depth} is negative; depths run from 0 to {n}"
+        )

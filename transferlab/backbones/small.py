@@ -32,7 +32,8 @@ def receptive_fields(stages: Sequence[nn.Module]) -> list[int]:
 
 def _with_receptive_fields(stages: list[nn.Module], infos: list[StageInfo]) -> list[StageInfo]:
     return [
-        StageInfo(i.name, i.channels, i.reduction, rf) for i, rf in zip(infos, receptive_fields(stages), strict=True)
+        StageInfo(i.name, i.channels, i.reduction, rf)
+        for i, rf in zip(infos, receptive_fields(stages), strict=True)
     ]
 
 
@@ -90,4 +91,8 @@ def convnet(
         stages.append(nn.Sequential(*layers))
         infos.append(StageInfo("stem" if i == 0 else f"stage{i}", width, reduction))
         cin = width
+    for module in stages:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):  # He init, as torchvision's ResNets: keeps activations' scale
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return Backbone(stages, _with_receptive_fields(stages, infos), in_channels)

@@ -15,8 +15,11 @@ from torch import nn
 from transferlab.backbones.base import Backbone, StageInfo
 from transferlab.registry import BACKBONES
 
+
 @BACKBONES.register("timm")
-def timm_backbone(*, model_name: str, in_channels: int = 3, pretrained: bool = False, **kwargs: Any) -> Backbone:
+def timm_backbone(
+    *, model_name: str, in_channels: int = 3, pretrained: bool = False, **kwargs: Any
+) -> Backbone:
     """Any timm model name, one stage per feature level (use `timm/NAME` as the backbone name)."""
     import timm
     from timm.models._features import FeatureDictNet
@@ -29,7 +32,9 @@ def timm_backbone(*, model_name: str, in_channels: int = 3, pretrained: bool = F
         raise ValueError(f"timm has no model '{model_name}'{hint}")
     # timm treats None as "use the default"; a YAML null means the same here.
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = timm.create_model(model_name, features_only=True, pretrained=pretrained, in_chans=in_channels, **kwargs)
+    model = timm.create_model(
+        model_name, features_only=True, pretrained=pretrained, in_chans=in_channels, **kwargs
+    )
     if isinstance(model, FeatureDictNet):
         stages = _group(model.items(), set(model.return_layers))
     elif getattr(model, "feature_hooks", True) is None and hasattr(model, "_stage_out_idx"):
@@ -41,7 +46,9 @@ def timm_backbone(*, model_name: str, in_channels: int = 3, pretrained: bool = F
         )
     info = model.feature_info
     if len(stages) != len(info):
-        raise ValueError(f"timm model '{model_name}': found {len(stages)} stages for {len(info)} feature levels")
+        raise ValueError(
+            f"timm model '{model_name}': found {len(stages)} stages for {len(info)} feature levels"
+        )
     infos = [
         StageInfo(str(name).replace(".", "_"), int(ch), int(red))
         for name, ch, red in zip(info.module_name(), info.channels(), info.reduction(), strict=True)

@@ -9,11 +9,20 @@ import click
 
 from transferlab.cli.options import console, db_option
 
-address_option = click.option("--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
-                              help="Ray cluster to run on (default: start a local Ray sized to this machine).")
-runs_option = click.option("--runs-dir", envvar="TRANSFERLAB_RUNS", default=None, type=click.Path(file_okay=False),
-                           help="Where checkpoints and Ray Tune files go [env TRANSFERLAB_RUNS; default "
-                                "./transferlab-runs].")
+address_option = click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    default=None,
+    metavar="ADDR",
+    help="Ray cluster to run on (default: start a local Ray sized to this machine).",
+)
+runs_option = click.option(
+    "--runs-dir",
+    envvar="TRANSFERLAB_RUNS",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where checkpoints and Ray Tune files go [env TRANSFERLAB_RUNS; default ./transferlab-runs].",
+)
 
 
 class ProgressPrinter:
@@ -24,8 +33,15 @@ class ProgressPrinter:
 
         self.console = console()
         self.metric = metric
-        self.progress = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TextColumn("{task.description}"), console=self.console, transient=True)
+        self.progress = Progress(
+            TextColumn("[bold]trials"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            transient=True,
+        )
         self.task_id: Any = None
 
     def on_created(self, experiment_id: int, trials: list) -> None:
@@ -62,25 +78,38 @@ def _print_plan(vspec: Any, output: str) -> None:
     trials = plan_trials(vspec)
     summary = plan_summary(trials)
     if output == "json":
-        data = {"name": vspec.spec.name, "study": vspec.spec.study, "trials": len(trials),
-                "stages": list(vspec.stage_names),
-                **{k: {str(kk): vv for kk, vv in v.items()} for k, v in summary.items()}}
+        data = {
+            "name": vspec.spec.name,
+            "study": vspec.spec.study,
+            "trials": len(trials),
+            "stages": list(vspec.stage_names),
+            **{k: {str(kk): vv for kk, vv in v.items()} for k, v in summary.items()},
+        }
         click.echo(json.dumps(data, indent=2))
         return
     from rich.table import Table
 
     out = console()
     spec = vspec.spec
-    out.print(f"[bold]{spec.name}[/] ({spec.study} study): [bold]{len(trials)}[/] trials; backbone "
-              f"{spec.backbone.name} ({len(vspec.stage_names)} stages: {', '.join(vspec.stage_names)}), "
-              f"head {spec.head.name}, task {spec.task.name} (primary metric {vspec.primary_metric})")
-    for what in ("role", "condition", "depth", "seed", "split"):
-        table = Table(title=f"trials per {what}", title_justify="left")
-        table.add_column(what)
-        table.add_column("trials", justify="right")
-        for value, count in sorted(summary[what].items(), key=lambda kv: str(kv[0])):
-            table.add_row(str(value), str(count))
-        out.print(table)
+    out.print(
+        f"[bold]{spec.name}[/] ({spec.study} study): [bold]{len(trials)}[/] trials; backbone "
+        f"{spec.backbone.name} ({len(vspec.stage_names)} stages: {', '.join(vspec.stage_names)}), "
+        f"head {spec.head.name}, task {spec.task.name} (primary metric {vspec.primary_metric})"
+    )
+    depths = sorted(summary["depth"])
+    conditions = list(dict.fromkeys(t.condition for t in trials))
+    table = Table(title="trials per condition (rows) and depth (columns)", title_justify="left")
+    table.add_column("condition")
+    for d in depths:
+        table.add_column(f"d{d}", justify="right")
+    table.add_column("total", justify="right")
+    for c in conditions:
+        counts = [sum(1 for t in trials if t.condition == c and t.depth == d) for d in depths]
+        table.add_row(c, *(str(n) if n else "" for n in counts), str(sum(counts)))
+    out.print(table)
+    for what in ("role", "seed", "split"):
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(summary[what].items(), key=lambda kv: str(kv[0])))
+        out.print(f"trials per {what}: {parts}")
 
 
 @click.command()
@@ -98,8 +127,14 @@ def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) 
 
     printer = ProgressPrinter(vspec.primary_metric)
     try:
-        exp_id = submit_spec(vspec, db=db, address=address, runs_dir=runs_dir, on_event=printer.on_event,
-                             on_created=printer.on_created)
+        exp_id = submit_spec(
+            vspec,
+            db=db,
+            address=address,
+            runs_dir=runs_dir,
+            on_event=printer.on_event,
+            on_created=printer.on_created,
+        )
     finally:
         printer.stop()
     return exp_id
@@ -121,9 +156,16 @@ def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:
 @db_option
 @address_option
 @runs_option
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the results figure to this PNG.")
-def submit(spec: str, db: str | None, address: str | None, runs_dir: str | None, plot_path: str | None) -> None:
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results figure to this PNG.",
+)
+def submit(
+    spec: str, db: str | None, address: str | None, runs_dir: str | None, plot_path: str | None
+) -> None:
     """Validate SPEC, record it in the store and run every trial with Ray Tune."""
     from transferlab.service.api import validate as validate_spec
 
@@ -135,8 +177,14 @@ def submit(spec: str, db: str | None, address: str | None, runs_dir: str | None,
 @click.command()
 @db_option
 @runs_option
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="quickstart.png", show_default=True,
-              help="Where to write the figure.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default="quickstart.png",
+    show_default=True,
+    help="Where to write the figure.",
+)
 def demo(db: str | None, runs_dir: str | None, plot_path: str) -> None:
     """Run the quickstart transfer study on bundled digits, then print its table and write its figure."""
     from transferlab.service.api import embedded_spec_text
@@ -145,5 +193,7 @@ def demo(db: str | None, runs_dir: str | None, plot_path: str) -> None:
     vspec = validate_spec_text(embedded_spec_text(), "quickstart.yaml (embedded)")
     exp_id = _run(vspec, db, None, runs_dir)
     _summarise(exp_id, db, plot_path)
-    console().print(f"results are in the store ({db or 'sqlite:///transferlab.db'}); try "
-                    f"`transferlab status {exp_id}` or `transferlab query \"SELECT * FROM trials LIMIT 5\"`")
+    console().print(
+        f"results are in the store ({db or 'sqlite:///transferlab.db'}); try "
+        f'`transferlab status {exp_id}` or `transferlab query "SELECT * FROM trials LIMIT 5"`'
+    )

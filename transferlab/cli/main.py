@@ -54,8 +54,16 @@ def cli() -> None:
 def _register() -> None:
     from transferlab.cli import experiments, plugins, reports
 
-    for command in (experiments.demo, experiments.validate, experiments.submit, reports.status, reports.results,
-                    reports.plot, reports.query, plugins.plugins):
+    for command in (
+        experiments.demo,
+        experiments.validate,
+        experiments.submit,
+        reports.status,
+        reports.results,
+        reports.plot,
+        reports.query,
+        plugins.plugins,
+    ):
         cli.add_command(command)
 
 

@@ -8,13 +8,21 @@ from typing import Any
 import click
 
 db_option = click.option(
-    "--db", envvar="TRANSFERLAB_DB", default=None, metavar="URL",
+    "--db",
+    envvar="TRANSFERLAB_DB",
+    default=None,
+    metavar="URL",
     help="Store URL: sqlite:///path.db, a .db path, or postgresql://user@host/db "
-         "[env TRANSFERLAB_DB; default ./transferlab.db].",
+    "[env TRANSFERLAB_DB; default ./transferlab.db].",
 )
 output_option = click.option(
-    "--output", "-O", "output", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
-    show_default=True, help="Output format.",
+    "--output",
+    "-O",
+    "output",
+    type=click.Choice(["table", "csv", "json", "markdown"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
 )
 
 

@@ -27,10 +27,14 @@ def list_plugins(kind: str | None, output: str) -> None:
     rows, failures = [], []
     for k in kinds:
         registry = REGISTRIES[k]
-        rows += [{"name": e.name, "kind": e.kind, "source": e.source, "description": e.description}
-                 for e in registry.entries()]
-        failures += [{"name": f.name, "kind": f.kind, "source": f.source, "target": f.target, "error": f.error}
-                     for f in registry.failures()]
+        rows += [
+            {"name": e.name, "kind": e.kind, "source": e.source, "description": e.description}
+            for e in registry.entries()
+        ]
+        failures += [
+            {"name": f.name, "kind": f.kind, "source": f.source, "target": f.target, "error": f.error}
+            for f in registry.failures()
+        ]
     if output == "json":
         click.echo(json.dumps({"plugins": rows, "failed": failures}, indent=2))
         return
@@ -45,4 +49,7 @@ def list_plugins(kind: str | None, output: str) -> None:
     out.print(table)
     out.print("any timm model is a backbone too: name it `timm/MODEL` (e.g. timm/resnet18)")
     for f in failures:
-        out.print(f"[red]failed to load[/] {f['kind']} '{f['name']}' from {f['source']} ({f['target']}): {f['error']}")
+        out.print(
+            f"[red]failed to load[/] {f['kind']} '{f['name']}' from {f['source']} "
+            f"({f['target']}): {f['error']}"
+        )

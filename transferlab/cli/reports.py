@@ -20,11 +20,17 @@ def show_results(experiment: str, db: str | None, output: str) -> None:
     finally:
         store.close()
     if frame.empty:
-        raise click.ClickException(f"experiment {info.id} ({info.name}) has no completed trials yet "
-                                   f"(trials by status: {counts})")
+        raise click.ClickException(
+            f"experiment {info.id} ({info.name}) has no completed trials yet (trials by status: {counts})"
+        )
     pivot = pivot_results(frame, info.higher_is_better)
-    click.echo(format_results(pivot, output, title=f"{info.name} (experiment {info.id}): test {info.primary_metric}, "
-                                                    "mean ± std over seeds"))
+    click.echo(
+        format_results(
+            pivot,
+            output,
+            title=f"{info.name} (experiment {info.id}): test {info.primary_metric}, mean ± std over seeds",
+        )
+    )
     excluded = {k: v for k, v in counts.items() if k != "completed" and v}
     if excluded and output == "table":
         console().print(f"excluded trials: {', '.join(f'{v} {k}' for k, v in sorted(excluded.items()))}")
@@ -43,15 +49,36 @@ def status(experiment: str | None, db: str | None, output: str) -> None:
     store = open_store(db, create=False)
     try:
         if experiment is None:
-            rows = [{"id": e.id, "name": e.name, "study": e.study, "status": e.status,
-                     "trials": " ".join(f"{k}:{v}" for k, v in sorted(e.trial_counts.items())),
-                     "created": e.created_at.strftime("%Y-%m-%d %H:%M")} for e in store.experiments()]
-            print_frame(pd.DataFrame(rows, columns=["id", "name", "study", "status", "trials", "created"]), output,
-                        title="experiments")
+            rows = [
+                {
+                    "id": e.id,
+                    "name": e.name,
+                    "study": e.study,
+                    "status": e.status,
+                    "trials": " ".join(f"{k}:{v}" for k, v in sorted(e.trial_counts.items())),
+                    "created": e.created_at.strftime("%Y-%m-%d %H:%M"),
+                }
+                for e in store.experiments()
+            ]
+            print_frame(
+                pd.DataFrame(rows, columns=["id", "name", "study", "status", "trials", "created"]),
+                output,
+                title="experiments",
+            )
             return
         info = store.find_experiment(experiment)
-        rows = [{"id": t.id, "key": t.key, "condition": t.condition, "depth": t.depth, "seed": t.seed,
-                 "status": t.status, "error": t.error or ""} for t in store.trials(info.id)]
+        rows = [
+            {
+                "id": t.id,
+                "key": t.key,
+                "condition": t.condition,
+                "depth": t.depth,
+                "seed": t.seed,
+                "status": t.status,
+                "error": t.error or "",
+            }
+            for t in store.trials(info.id)
+        ]
     finally:
         store.close()
     print_frame(pd.DataFrame(rows), output, title=f"{info.name} (experiment {info.id}): {info.status}")
@@ -68,7 +95,9 @@ def results(experiment: str, db: str | None, output: str) -> None:
 
 @click.command()
 @click.argument("experiment")
-@click.option("-o", "--out", "path", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option(
+    "-o", "--out", "path", required=True, type=click.Path(dir_okay=False), help="PNG file to write."
+)
 @db_option
 def plot(experiment: str, path: str, db: str | None) -> None:
     """Write EXPERIMENT's figure: target accuracy against depth n, one marker per condition."""

@@ -14,8 +14,13 @@ from transferlab.tasks.base import TargetSpec, Task
 TIMM_PREFIX = "timm/"
 
 
-def check_options(kind: str, name: str, factory: Callable[..., Any], options: Mapping[str, Any],
-                  reserved: Sequence[str] = ()) -> None:
+def check_options(
+    kind: str,
+    name: str,
+    factory: Callable[..., Any],
+    options: Mapping[str, Any],
+    reserved: Sequence[str] = (),
+) -> None:
     """Raise ``ValueError`` naming any option that ``factory`` does not accept."""
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -23,18 +28,22 @@ def check_options(kind: str, name: str, factory: Callable[..., Any], options: Ma
     allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved]
     unknown = [k for k in options if k not in allowed]
     if unknown:
-        raise ValueError(f"{kind} '{name}' has no option {', '.join(map(repr, unknown))}; "
-                         f"its options are: {', '.join(allowed) or '(none)'}")
+        raise ValueError(
+            f"{kind} '{name}' has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(allowed) or '(none)'}"
+        )
 
 
 def backbone_factory(name: str) -> tuple[Callable[..., Backbone], dict[str, Any]]:
     """The factory for a backbone name and the options its name implies (``timm/NAME``)."""
     if name.startswith(TIMM_PREFIX):
-        return BACKBONES.get("timm"), {"model_name": name[len(TIMM_PREFIX):]}
+        return BACKBONES.get("timm"), {"model_name": name[len(TIMM_PREFIX) :]}
     return BACKBONES.get(name), {}
 
 
-def build_task(name: str, options: Mapping[str, Any] | None = None, *, classes: Sequence[int] | None = None) -> Task:
+def build_task(
+    name: str, options: Mapping[str, Any] | None = None, *, classes: Sequence[int] | None = None
+) -> Task:
     """Instantiate task ``name``; ``classes`` selects a class subset (an A or B split)."""
     factory = TASKS.get(name)
     options = dict(options or {})
@@ -54,7 +63,9 @@ def build_backbone(name: str, options: Mapping[str, Any] | None, target: TargetS
     return backbone
 
 
-def build_head(name: str, options: Mapping[str, Any] | None, feature_info: FeatureInfo, target: TargetSpec) -> Any:
+def build_head(
+    name: str, options: Mapping[str, Any] | None, feature_info: FeatureInfo, target: TargetSpec
+) -> Any:
     """Instantiate head ``name`` from the backbone's feature metadata and the task's target."""
     factory = HEADS.get(name)
     options = dict(options or {})
@@ -62,8 +73,14 @@ def build_head(name: str, options: Mapping[str, Any] | None, feature_info: Featu
     return factory(feature_info, target, **options)
 
 
-def build_model(backbone: tuple[str, Mapping[str, Any]], head: tuple[str, Mapping[str, Any]], task: Task, *,
-                freeze_depth: int = 0, bn_policy: str = "frozen") -> TransferModel:
+def build_model(
+    backbone: tuple[str, Mapping[str, Any]],
+    head: tuple[str, Mapping[str, Any]],
+    task: Task,
+    *,
+    freeze_depth: int = 0,
+    bn_policy: str = "frozen",
+) -> TransferModel:
     """A ``TransferModel`` for ``task`` from (name, options) pairs of a backbone and a head."""
     bb = build_backbone(backbone[0], backbone[1], task.target)
     hd = build_head(head[0], head[1], bb.feature_info, task.target)

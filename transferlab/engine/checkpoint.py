@@ -60,9 +60,13 @@ def load_backbone_stages(model: nn.Module, path: str | Path, depth: int) -> list
     wanted = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     missing = [k for k in wanted if k not in state]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors of the first {depth} stages: {missing[:3]}")
+        raise ValueError(
+            f"checkpoint {path} lacks {len(missing)} tensors of the first {depth} stages: {missing[:3]}"
+        )
     bad = [k for k, v in wanted.items() if state[k].shape != v.shape]
     if bad:
-        raise ValueError(f"checkpoint {path} has other shapes for {bad[:3]}; was it made with another backbone?")
+        raise ValueError(
+            f"checkpoint {path} has other shapes for {bad[:3]}; was it made with another backbone?"
+        )
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return sorted(wanted)

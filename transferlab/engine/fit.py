@@ -72,14 +72,19 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" means CUDA when available, else CPU."""
+    """ "auto" means CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def iterate_batches(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, num_workers: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    num_workers: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Batches of ``dataset``; in-memory data sets are sliced directly instead of collated."""
     if isinstance(dataset, InMemoryDataset):
@@ -88,7 +93,9 @@ def iterate_batches(
         for start in range(0, n, batch_size):
             yield dataset.batch(order[start : start + batch_size])
         return
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers
+    )
     yield from loader
 
 
@@ -109,13 +116,17 @@ def build_optimizer(model: TransferModel, config: FitConfig) -> torch.optim.Opti
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, config: FitConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, config: FitConfig
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-epoch schedule: cosine to zero over ``epochs``, step decay, or none."""
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
@@ -126,15 +137,22 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: FitConfig) -> torch
     raise ValueError(f"schedule must be 'cosine', 'step' or 'none', got {config.schedule!r}")
 
 
-def evaluate(model: TransferModel, task: Task, dataset: Dataset, config: FitConfig, device: torch.device,
-             autocast: Callable[[], Any]) -> dict[str, float]:
+def evaluate(
+    model: TransferModel,
+    task: Task,
+    dataset: Dataset,
+    config: FitConfig,
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> dict[str, float]:
     """Mean loss and the task's metrics over ``dataset``, in eval mode without gradients."""
     model.eval()
     metrics = {k: m.to(device) for k, m in task.metrics().items()}
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in iterate_batches(dataset, config.eval_batch_size, shuffle=False, generator=None,
-                                     num_workers=config.num_workers):
+        for batch in iterate_batches(
+            dataset, config.eval_batch_size, shuffle=False, generator=None, num_workers=config.num_workers
+        ):
             batch = to_device(batch, device)
             with autocast():
                 outputs = model(batch)
@@ -162,7 +180,7 @@ def fit(
         model: The model; its frozen prefix is respected.
         task: Provides the data sets, the loss and the metrics.
         config: Training settings.
-        on_epoch: Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/accuracy": ...}).
+        on_epoch: Called after each epoch with (epoch from 1, {"train/loss": ..., "val/accuracy": ...}).
         checkpoint_path: Where to write the final weights (safetensors), if given.
         checkpoint_metadata: Stored in the checkpoint's header.
 
@@ -192,8 +210,9 @@ def fit(
         model.train()
         metrics = {k: m.to(device) for k, m in task.metrics().items()}
         total, count = 0.0, 0
-        for batch in iterate_batches(train_set, config.batch_size, shuffle=True, generator=generator,
-                                     num_workers=config.num_workers):
+        for batch in iterate_batches(
+            train_set, config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers
+        ):
             batch = to_device(batch, device)
             with autocast():
                 outputs = model(batch)
@@ -215,7 +234,9 @@ def fit(
         # -- evaluate and report ------------------------------------------------------------------
         row = {"train/loss": total / max(count, 1)}
         row.update({f"train/{k}": float(m.compute()) for k, m in metrics.items()})
-        row.update({f"val/{k}": v for k, v in evaluate(model, task, val_set, config, device, autocast).items()})
+        row.update(
+            {f"val/{k}": v for k, v in evaluate(model, task, val_set, config, device, autocast).items()}
+        )
         row["lr"] = optimizer.param_groups[-1]["lr"]
         result.history.append(row)
         result.epochs_run = epoch

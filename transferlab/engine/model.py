@@ -29,7 +29,9 @@ class TransferModel(nn.Module):
         bn_policy: "frozen" or "train", see the module docstring.
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, *, freeze_depth: int = 0, bn_policy: str = "frozen"):
+    def __init__(
+        self, backbone: Backbone, head: nn.Module, *, freeze_depth: int = 0, bn_policy: str = "frozen"
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head

@@ -34,8 +34,13 @@ def fit_config(config: dict[str, Any], num_stages: int) -> FitConfig:
     return FitConfig(**train, seed=config["seed"])
 
 
-def run_trial(config: dict[str, Any], *, checkpoint_path: str | Path | None = None,
-              on_epoch: EpochCallback | None = None, threads: int | None = None) -> tuple[FitResult, dict[str, Any]]:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    checkpoint_path: str | Path | None = None,
+    on_epoch: EpochCallback | None = None,
+    threads: int | None = None,
+) -> tuple[FitResult, dict[str, Any]]:
     """Build the trial's task and model, copy base stages, train and evaluate.
 
     Args:
@@ -62,12 +67,21 @@ def run_trial(config: dict[str, Any], *, checkpoint_path: str | Path | None = No
     if config.get("copy_depth"):
         base = config.get("base_checkpoint")
         if not base:
-            raise ValueError(f"trial {config.get('trial_key')} copies {config['copy_depth']} stages but has no base checkpoint")
+            raise ValueError(
+                f"trial {config.get('trial_key')} copies {config['copy_depth']} stages "
+                "but has no base checkpoint"
+            )
         copied = load_backbone_stages(model, base, int(config["copy_depth"]))
-    facts = {"data_hash": task.fingerprint(), "copied_tensors": len(copied),
-             "num_stages": model.backbone.num_stages}
+    facts = {
+        "data_hash": task.fingerprint(),
+        "copied_tensors": len(copied),
+        "num_stages": model.backbone.num_stages,
+    }
     result = fit(
-        model, task, fit_config(config, model.backbone.num_stages), on_epoch=on_epoch,
+        model,
+        task,
+        fit_config(config, model.backbone.num_stages),
+        on_epoch=on_epoch,
         checkpoint_path=checkpoint_path,
         checkpoint_metadata={"trial_key": config.get("trial_key"), "freeze_depth": model.freeze_depth},
     )

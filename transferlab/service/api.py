@@ -35,17 +35,29 @@ def open_store(db: str | None = None, *, create: bool = True) -> Any:
     return Store.open(db, create=create)
 
 
-def submit(spec: str | Path | ValidatedSpec, *, db: str | None = None, address: str | None = None,
-           runs_dir: str | Path | None = None, on_event: Callable[..., None] | None = None,
-           on_created: Callable[..., None] | None = None) -> int:
+def submit(
+    spec: str | Path | ValidatedSpec,
+    *,
+    db: str | None = None,
+    address: str | None = None,
+    runs_dir: str | Path | None = None,
+    on_event: Callable[..., None] | None = None,
+    on_created: Callable[..., None] | None = None,
+) -> int:
     """Validate ``spec``, record it, run its trials with Ray Tune, and return the experiment id."""
     from transferlab.service.driver import run_study
 
     vspec = validate(spec)
     store = open_store(db)
     try:
-        return run_study(vspec, store, address=address, runs=Path(runs_dir) if runs_dir else None,
-                         on_event=on_event, on_created=on_created)
+        return run_study(
+            vspec,
+            store,
+            address=address,
+            runs=Path(runs_dir) if runs_dir else None,
+            on_event=on_event,
+            on_created=on_created,
+        )
     finally:
         store.close()
 

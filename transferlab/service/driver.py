@@ -7,6 +7,7 @@ nets that copy them); a transfer trial whose base failed is marked ``skipped`` w
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -20,7 +21,6 @@ from transferlab.service.spec import ValidatedSpec
 
 DEFAULT_RUNS_DIR = "transferlab-runs"
 SPLITS = ("train", "val", "test")
-
 
 
 class DriverError(RuntimeError):
@@ -55,11 +55,13 @@ def check_resources(vspec: ValidatedSpec) -> None:
     need = vspec.spec.resources
     have = ray.cluster_resources()
     if need.cpu > have.get("CPU", 0):
-        raise DriverError(f"resources.cpu: each trial asks for {need.cpu} CPUs; the Ray cluster has "
-                          f"{have.get('CPU', 0):g}")
+        raise DriverError(
+            f"resources.cpu: each trial asks for {need.cpu} CPUs; the Ray cluster has {have.get('CPU', 0):g}"
+        )
     if need.gpu > have.get("GPU", 0):
-        raise DriverError(f"resources.gpu: each trial asks for {need.gpu} GPUs; the Ray cluster has "
-                          f"{have.get('GPU', 0):g}")
+        raise DriverError(
+            f"resources.gpu: each trial asks for {need.gpu} GPUs; the Ray cluster has {have.get('GPU', 0):g}"
+        )
 
 
 def _dirname(text: str) -> str:
@@ -77,11 +79,22 @@ def ray_trainable(config: dict[str, Any]) -> None:
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         tune.report({"epoch": epoch, **row})
 
-    result, facts = run_trial(trial, checkpoint_path=trial["checkpoint_path"], on_epoch=on_epoch,
-                              threads=trial.get("threads"))
+    result, facts = run_trial(
+        trial, checkpoint_path=trial["checkpoint_path"], on_epoch=on_epoch, threads=trial.get("threads")
+    )
     final = {f"test/{k}": v for k, v in result.test.items()}
-    tune.report({"epoch": result.epochs_run, "final": 1, "best_epoch": result.best_epoch, "steps": result.steps,
-                 "fit_seconds": result.seconds, "checkpoint_path": str(result.checkpoint), **facts, **final})
+    tune.report(
+        {
+            "epoch": result.epochs_run,
+            "final": 1,
+            "best_epoch": result.best_epoch,
+            "steps": result.steps,
+            "fit_seconds": result.seconds,
+            "checkpoint_path": str(result.checkpoint),
+            **facts,
+            **final,
+        }
+    )
 
 
 def metric_rows(result: dict[str, Any]) -> list[tuple[int, str, str, float]]:
@@ -125,6 +138,11 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
     class StoreCallback(tune.Callback):
         """Writes trial starts, per-epoch metrics and outcomes to the store (driver process)."""
 
+        # Tune pickles its run config (callbacks included) to restore experiments; ours holds a live
+        # database connection and is never restored that way (the store itself drives resumption).
+        def __reduce__(self) -> tuple:
+            return (tune.Callback, ())
+
         def _key(self, trial: Any) -> str:
             return trial.config["trial"]["trial_key"]
 
@@ -135,7 +153,9 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
             if run.on_event:
                 run.on_event("start", by_key[key], {})
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
             key = self._key(trial)
             run.store.add_metrics(run.trial_ids[key], metric_rows(result))
             if result.get("final"):
@@ -150,9 +170,20 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
                 self._fail(key, "trial ended without reporting test metrics")
                 return
             run.store.finish_trial(
-                run.trial_ids[key], "completed", checkpoint_path=final["checkpoint_path"],
-                provenance_update={k: final.get(k) for k in ("data_hash", "best_epoch", "steps", "fit_seconds",
-                                                             "copied_tensors", "num_stages")},
+                run.trial_ids[key],
+                "completed",
+                checkpoint_path=final["checkpoint_path"],
+                provenance_update={
+                    k: final.get(k)
+                    for k in (
+                        "data_hash",
+                        "best_epoch",
+                        "steps",
+                        "fit_seconds",
+                        "copied_tensors",
+                        "num_stages",
+                    )
+                },
             )
             run.status[key] = "completed"
             if run.on_event:
@@ -170,13 +201,22 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
     return StoreCallback()
 
 
-def run_level(run: StudyRun, vspec: ValidatedSpec, trials: list[PlannedTrial], configs: list[dict[str, Any]],
-              storage: Path, name: str) -> None:
+def run_level(
+    run: StudyRun,
+    vspec: ValidatedSpec,
+    trials: list[PlannedTrial],
+    configs: list[dict[str, Any]],
+    storage: Path,
+    name: str,
+) -> None:
     """Run one level of the trial graph as one Tune experiment."""
     from ray import tune
 
     # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what the store keeps; skip them.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune's newer console output prints a banner per experiment whatever `verbose` says; the older
+    # reporter honours verbose=0. Our own progress bar and per-trial lines replace both.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     by_key = {t.key: t for t in trials}
     experiment = vspec.spec.name
     res = vspec.spec.resources
@@ -187,19 +227,40 @@ def run_level(run: StudyRun, vspec: ValidatedSpec, trials: list[PlannedTrial], c
         tune_config=tune.TuneConfig(
             num_samples=1,
             trial_name_creator=lambda t: by_key[t.config["trial"]["trial_key"]].display_name(experiment),
-            trial_dirname_creator=lambda t: _dirname(by_key[t.config["trial"]["trial_key"]].display_name(experiment)),
+            trial_dirname_creator=lambda t: _dirname(
+                by_key[t.config["trial"]["trial_key"]].display_name(experiment)
+            ),
+            # Reusing worker processes saves importing torch and loading data for every trial.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), callbacks=[_make_callback(run, by_key)], verbose=0,
+            name=name,
+            storage_path=str(storage),
+            callbacks=[_make_callback(run, by_key)],
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=vspec.spec.max_failures),
         ),
     )
-    tuner.fit()
+    # Tune logs its bookkeeping at INFO/WARNING (including that the per-trial result files we turned
+    # off are missing); the store and our progress output say what matters.
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.ERROR)
+    try:
+        tuner.fit()
+    finally:
+        tune_logger.setLevel(level)
 
 
-def run_study(vspec: ValidatedSpec, store: Any, *, address: str | None = None, runs: Path | None = None,
-              on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
-              on_created: Callable[[int, list[PlannedTrial]], None] | None = None) -> int:
+def run_study(
+    vspec: ValidatedSpec,
+    store: Any,
+    *,
+    address: str | None = None,
+    runs: Path | None = None,
+    on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
+    on_created: Callable[[int, list[PlannedTrial]], None] | None = None,
+) -> int:
     """Record the experiment and its planned trials, run them through Ray Tune, and return its id."""
     from transferlab.service.store import TrialRecord
 
@@ -209,9 +270,15 @@ def run_study(vspec: ValidatedSpec, store: Any, *, address: str | None = None, r
     check_resources(vspec)
     spec = vspec.spec
     exp_id = store.create_experiment(
-        name=spec.name, study=spec.study, spec_text=vspec.text, spec_json=spec.model_dump(mode="json"),
-        spec_hash=vspec.spec_hash, primary_metric=vspec.primary_metric, higher_is_better=vspec.higher_is_better,
-        storage_path=str(storage), code_version=code_version(),
+        name=spec.name,
+        study=spec.study,
+        spec_text=vspec.text,
+        spec_json=spec.model_dump(mode="json"),
+        spec_hash=vspec.spec_hash,
+        primary_metric=vspec.primary_metric,
+        higher_is_better=vspec.higher_is_better,
+        storage_path=str(storage),
+        code_version=code_version(),
     )
     folder = storage / f"{_dirname(spec.name)}-{exp_id}"
     provenance = {"code_version": code_version(), "libraries": library_versions()}
@@ -219,12 +286,27 @@ def run_study(vspec: ValidatedSpec, store: Any, *, address: str | None = None, r
     records = []
     for t in trials:
         cfg = t.config(vspec)
-        cfg.update(checkpoint_path=str(folder / "checkpoints" / _dirname(t.key) / "model.safetensors"),
-                   threads=max(1, int(spec.resources.cpu)), experiment_id=exp_id)
+        cfg.update(
+            checkpoint_path=str(folder / "checkpoints" / _dirname(t.key) / "model.safetensors"),
+            threads=max(1, int(spec.resources.cpu)),
+            experiment_id=exp_id,
+        )
         configs[t.key] = cfg
-        records.append(TrialRecord(key=t.key, role=t.role, condition=t.condition, depth=t.depth, seed=t.seed,
-                                   split=t.split, bn_policy=t.bn_policy, config=cfg, base_key=t.base_key,
-                                   data_hash=None, provenance=provenance))
+        records.append(
+            TrialRecord(
+                key=t.key,
+                role=t.role,
+                condition=t.condition,
+                depth=t.depth,
+                seed=t.seed,
+                split=t.split,
+                bn_policy=t.bn_policy,
+                config=cfg,
+                base_key=t.base_key,
+                data_hash=None,
+                provenance=provenance,
+            )
+        )
     trial_ids = store.add_trials(exp_id, records)
     if on_created:
         on_created(exp_id, trials)
@@ -235,7 +317,9 @@ def run_study(vspec: ValidatedSpec, store: Any, *, address: str | None = None, r
             ready = []
             for t in (t for t in trials if t.level == level):
                 if t.base_key is not None and run.status.get(t.base_key) != "completed":
-                    reason = f"base trial {t.base_key} did not complete ({run.status.get(t.base_key, 'not run')})"
+                    reason = (
+                        f"base trial {t.base_key} did not complete ({run.status.get(t.base_key, 'not run')})"
+                    )
                     store.finish_trial(trial_ids[t.key], "skipped", error=reason)
                     run.status[t.key] = "skipped"
                     if on_event:
@@ -245,7 +329,9 @@ def run_study(vspec: ValidatedSpec, store: Any, *, address: str | None = None, r
                     configs[t.key]["base_checkpoint"] = configs[t.base_key]["checkpoint_path"]
                 ready.append(t)
             if ready:
-                run_level(run, vspec, ready, [configs[t.key] for t in ready], folder / "tune", f"level{level}")
+                run_level(
+                    run, vspec, ready, [configs[t.key] for t in ready], folder / "tune", f"level{level}"
+                )
     except BaseException:
         _cancel_unfinished(run, trials)
         store.set_experiment_status(exp_id, "cancelled", finished=True)
@@ -259,5 +345,7 @@ def run_study(vspec: ValidatedSpec, store: Any, *, address: str | None = None, r
 def _cancel_unfinished(run: StudyRun, trials: list[PlannedTrial]) -> None:
     for t in trials:
         if run.status.get(t.key) in (None, "running"):
-            run.store.finish_trial(run.trial_ids[t.key], "cancelled", error="the study stopped before this trial finished")
+            run.store.finish_trial(
+                run.trial_ids[t.key], "cancelled", error="the study stopped before this trial finished"
+            )
             run.status[t.key] = "cancelled"

@@ -84,8 +84,21 @@ def plan_trials(vspec: ValidatedSpec) -> list[PlannedTrial]:
         classes = tuple(spec.single.classes) if spec.single.classes is not None else None
         for seed in spec.seeds:
             d = spec.single.freeze_depth
-            trials.append(PlannedTrial(_key("all", seed, "single", d), "single", "single", d, seed, "all",
-                                       classes, d, 0, None, spec.single.bn))
+            trials.append(
+                PlannedTrial(
+                    _key("all", seed, "single", d),
+                    "single",
+                    "single",
+                    d,
+                    seed,
+                    "all",
+                    classes,
+                    d,
+                    0,
+                    None,
+                    spec.single.bn,
+                )
+            )
         return trials
 
     assert spec.transfer is not None
@@ -93,10 +106,32 @@ def plan_trials(vspec: ValidatedSpec) -> list[PlannedTrial]:
     for split in vspec.splits:
         for seed in spec.seeds:
             base = {
-                "baseA": PlannedTrial(_key(split.id, seed, "baseA", 0), "base", "baseA", 0, seed, split.id,
-                                      split.a, 0, 0, None, bn),
-                "baseB": PlannedTrial(_key(split.id, seed, "baseB", 0), "base", "baseB", 0, seed, split.id,
-                                      split.b, 0, 0, None, bn),
+                "baseA": PlannedTrial(
+                    _key(split.id, seed, "baseA", 0),
+                    "base",
+                    "baseA",
+                    0,
+                    seed,
+                    split.id,
+                    split.a,
+                    0,
+                    0,
+                    None,
+                    bn,
+                ),
+                "baseB": PlannedTrial(
+                    _key(split.id, seed, "baseB", 0),
+                    "base",
+                    "baseB",
+                    0,
+                    seed,
+                    split.id,
+                    split.b,
+                    0,
+                    0,
+                    None,
+                    bn,
+                ),
             }
             needed = {COPY_FROM[c] for c in spec.transfer.conditions if c in COPY_FROM} | {"baseB"}
             trials += [base[name] for name in ("baseA", "baseB") if name in needed]
@@ -104,12 +139,28 @@ def plan_trials(vspec: ValidatedSpec) -> list[PlannedTrial]:
                 for condition in spec.transfer.conditions:
                     key = _key(split.id, seed, condition, depth)
                     if condition == "random":
-                        trials.append(PlannedTrial(key, "transfer", condition, depth, seed, split.id, split.b,
-                                                   depth, 0, None, bn))
+                        trials.append(
+                            PlannedTrial(
+                                key, "transfer", condition, depth, seed, split.id, split.b, depth, 0, None, bn
+                            )
+                        )
                         continue
                     frozen = depth if not condition.endswith("+") else 0
-                    trials.append(PlannedTrial(key, "transfer", condition, depth, seed, split.id, split.b,
-                                               frozen, depth, base[COPY_FROM[condition]].key, bn))
+                    trials.append(
+                        PlannedTrial(
+                            key,
+                            "transfer",
+                            condition,
+                            depth,
+                            seed,
+                            split.id,
+                            split.b,
+                            frozen,
+                            depth,
+                            base[COPY_FROM[condition]].key,
+                            bn,
+                        )
+                    )
     return trials
 
 

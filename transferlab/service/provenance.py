@@ -7,8 +7,19 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-LIBRARIES = ("torch", "torchvision", "timm", "ray", "numpy", "scikit-learn", "torchmetrics", "safetensors",
-             "segmentation-models-pytorch", "sqlalchemy", "pydantic")
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "ray",
+    "numpy",
+    "scikit-learn",
+    "torchmetrics",
+    "safetensors",
+    "segmentation-models-pytorch",
+    "sqlalchemy",
+    "pydantic",
+)
 
 
 @lru_cache(maxsize=1)
@@ -20,10 +31,20 @@ def code_version() -> str:
         base = "unknown"
     root = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return base
     return f"{base}+g{sha}{'.dirty' if dirty else ''}"

@@ -156,8 +156,9 @@ class Spec(_Strict):
     head: PluginRef = PluginRef(name="classify")
     task: PluginRef
     train: TrainSpec = TrainSpec()
-    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=lambda: [0], min_length=1,
-                                                                 max_length=1000)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=1000
+    )
     resources: Resources = Resources()
     max_failures: int = Field(0, ge=0, le=100)
     transfer: TransferSpec | None = None
@@ -229,7 +230,9 @@ def _known_fields(loc: tuple[Any, ...]) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        candidates = [
+            a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not candidates:
             return []
         model = candidates[0]
@@ -249,7 +252,11 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
             continue
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        shown = "" if err["type"] in ("missing", "value_error") or isinstance(value, dict) else f" (got {value!r})"
+        shown = (
+            ""
+            if err["type"] in ("missing", "value_error") or isinstance(value, dict)
+            else f" (got {value!r})"
+        )
         problems.append((_loc(loc), msg + shown))
     return problems
 

@@ -25,8 +25,12 @@ def _class_splits(spec: Spec, num_classes: int, problems: list[tuple[str, str]])
     split = spec.transfer.split
     if hasattr(split, "random"):
         if split.a_classes is not None and not 1 <= split.a_classes < num_classes:
-            problems.append(("transfer.split.a_classes",
-                             f"must leave classes for both halves: 1..{num_classes - 1} (got {split.a_classes})"))
+            problems.append(
+                (
+                    "transfer.split.a_classes",
+                    f"must leave classes for both halves: 1..{num_classes - 1} (got {split.a_classes})",
+                )
+            )
             return ()
         if num_classes < 2:
             problems.append(("transfer.split", f"the task has {num_classes} class; a split needs at least 2"))
@@ -35,21 +39,30 @@ def _class_splits(spec: Spec, num_classes: int, problems: list[tuple[str, str]])
     for side in ("A", "B"):
         bad = [c for c in getattr(split, side) if c >= num_classes]
         if bad:
-            problems.append((f"transfer.split.{side}",
-                             f"classes {bad} do not exist; the task has classes 0..{num_classes - 1}"))
+            problems.append(
+                (
+                    f"transfer.split.{side}",
+                    f"classes {bad} do not exist; the task has classes 0..{num_classes - 1}",
+                )
+            )
     for side in ("A", "B"):
         if len(getattr(split, side)) < 2:
             problems.append((f"transfer.split.{side}", "needs at least 2 classes to train a classifier"))
     return (ClassSplit("given", tuple(split.A), tuple(split.B)),)
 
 
-def _check_depths(loc: str, depths: list[int], stage_names: tuple[str, ...], backbone: str,
-                  problems: list[tuple[str, str]]) -> None:
+def _check_depths(
+    loc: str, depths: list[int], stage_names: tuple[str, ...], backbone: str, problems: list[tuple[str, str]]
+) -> None:
     n = len(stage_names)
     for d in depths:
         if d > n:
-            problems.append((loc, f"depth {d} is deeper than backbone '{backbone}' "
-                                  f"({n} stages: {', '.join(stage_names)})"))
+            problems.append(
+                (
+                    loc,
+                    f"depth {d} is deeper than backbone '{backbone}' ({n} stages: {', '.join(stage_names)})",
+                )
+            )
 
 
 def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
@@ -84,8 +97,13 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     num_classes = task.target.num_classes or 0
     lr_mult = spec.train.stage_lr_mult
     if lr_mult is not None and len(lr_mult) != len(stage_names):
-        problems.append(("train.stage_lr_mult", f"needs one multiplier per stage: {len(stage_names)} "
-                                                f"({', '.join(stage_names)}), got {len(lr_mult)}"))
+        problems.append(
+            (
+                "train.stage_lr_mult",
+                f"needs one multiplier per stage: {len(stage_names)} "
+                f"({', '.join(stage_names)}), got {len(lr_mult)}",
+            )
+        )
     depths: tuple[int, ...] = ()
     splits: tuple[ClassSplit, ...] = ()
     if spec.transfer is not None:
@@ -96,13 +114,24 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
             depths = tuple(sorted(spec.transfer.depths))
             _check_depths("transfer.depths", list(depths), stage_names, spec.backbone.name, problems)
     if spec.single is not None:
-        _check_depths("single.freeze_depth", [spec.single.freeze_depth], stage_names, spec.backbone.name, problems)
+        _check_depths(
+            "single.freeze_depth", [spec.single.freeze_depth], stage_names, spec.backbone.name, problems
+        )
         bad = [c for c in spec.single.classes or [] if c >= num_classes]
         if bad:
-            problems.append(("single.classes", f"classes {bad} do not exist; the task has classes 0..{num_classes - 1}"))
+            problems.append(
+                ("single.classes", f"classes {bad} do not exist; the task has classes 0..{num_classes - 1}")
+            )
     if problems:
         raise SpecError(source, problems)
     return ValidatedSpec(
-        spec=spec, text=text, source=source, stage_names=stage_names, depths=depths, splits=splits,
-        num_classes=num_classes, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better,
+        spec=spec,
+        text=text,
+        source=source,
+        stage_names=stage_names,
+        depths=depths,
+        splits=splits,
+        num_classes=num_classes,
+        primary_metric=task.primary_metric,
+        higher_is_better=task.higher_is_better,
     )

@@ -49,10 +49,12 @@ class _StrictLoader(yaml.SafeLoader):
                 hash(key)
             except TypeError:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"unhashable key {key!r}", key_node.start_mark) from None
+                    None, None, f"unhashable key {key!r}", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -86,5 +88,7 @@ def parse_spec_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     if data is None:
         raise SpecError(source, [("", "the spec is empty")])
     if not isinstance(data, dict):
-        raise SpecError(source, [("", f"a spec must be a mapping of keys to values, got a {type(data).__name__}")])
+        raise SpecError(
+            source, [("", f"a spec must be a mapping of keys to values, got a {type(data).__name__}")]
+        )
     return data

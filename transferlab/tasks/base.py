@@ -108,7 +108,9 @@ class Task(ABC):
         """Fresh metric objects by name (torchmetrics ``Metric`` instances), primary one included."""
 
     @abstractmethod
-    def update_metrics(self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]) -> None:
+    def update_metrics(
+        self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]
+    ) -> None:
         """Feed one batch to the metric objects returned by ``metrics``."""
 
     def fingerprint(self) -> str:
@@ -135,7 +137,9 @@ class ClassificationTask(Task):
         assert self.target.num_classes is not None
         return {"accuracy": MulticlassAccuracy(num_classes=self.target.num_classes, average="micro")}
 
-    def update_metrics(self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]) -> None:
+    def update_metrics(
+        self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]
+    ) -> None:
         metrics["accuracy"].update(outputs["logits"].detach().float(), batch["label"])
 
 
