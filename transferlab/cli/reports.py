@@ -31,9 +31,6 @@ def show_results(experiment: str, db: str | None, output: str) -> None:
             title=f"{info.name} (experiment {info.id}): test {info.primary_metric}, mean ± std over seeds",
         )
     )
-    excluded = {k: v for k, v in counts.items() if k != "completed" and v}
-    if excluded and output == "table":
-        console().print(f"excluded trials: {', '.join(f'{v} {k}' for k, v in sorted(excluded.items()))}")
 
 
 @click.command()
