@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# A plugin distribution (dist-info + module) that the registries discover through entry points,
+# in this process and, through PYTHONPATH, in Ray's worker processes.
+PLUGINS = str(Path(__file__).parent / "plugins")
+sys.path.insert(0, PLUGINS)
 
 # Tests never download anything and run with small thread counts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +42,13 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        pythonpath = os.pathsep.join(p for p in (PLUGINS, os.environ.get("PYTHONPATH")) if p)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        )
     yield ray
     ray.shutdown()
 

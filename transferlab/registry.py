@@ -76,6 +76,7 @@ class Registry(Generic[F]):
         self._failures: list[LoadFailure] = []
         self._loaded = False
         self._loading = False
+        self._load_error: RegistryError | None = None
         self._lock = threading.RLock()
 
     # -- registration -------------------------------------------------------------------------
@@ -107,9 +108,13 @@ class Registry(Generic[F]):
 
     # -- discovery ----------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
-        if self._loaded or self._loading:
+        if self._loaded:
             return
+        # ``_loading`` is read under the (re-entrant) lock: the loading thread re-enters while a
+        # plugin module registers itself, other threads wait for the whole registry.
         with self._lock:
+            if self._load_error is not None:  # the same error every time, not a half-loaded retry
+                raise self._load_error
             if self._loaded or self._loading:
                 return
             self._loading = True
@@ -119,6 +124,9 @@ class Registry(Generic[F]):
                 for ep in entry_points(group=self.entry_point_group):
                     self._load_entry_point(ep)
                 self._loaded = True
+            except RegistryError as exc:
+                self._load_error = exc
+                raise
             finally:
                 self._loading = False
 

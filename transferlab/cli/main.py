@@ -52,7 +52,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from transferlab.cli import experiments, plugins, reports
+    from transferlab.cli import db, experiments, plugins, reports
 
     for command in (
         experiments.demo,
@@ -63,6 +63,7 @@ def _register() -> None:
         reports.plot,
         reports.query,
         plugins.plugins,
+        db.db,
     ):
         cli.add_command(command)
 

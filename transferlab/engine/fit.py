@@ -31,6 +31,9 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"non-finite loss {value} at epoch {epoch}, step {step}")
         self.epoch, self.step, self.value = epoch, step, value
 
+    def __reduce__(self) -> tuple:  # copied and pickled across Ray processes
+        return (type(self), (self.epoch, self.step, self.value))
+
 
 @dataclass
 class FitConfig:

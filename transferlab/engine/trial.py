@@ -30,8 +30,8 @@ def fit_config(config: dict[str, Any], num_stages: int) -> FitConfig:
     for i in range(config.get("copy_depth", 0)):
         if i >= config.get("freeze_depth", 0):
             mult[i] *= config.get("fine_tune_lr_mult", 1.0)
-    train["stage_lr_mult"] = mult
-    return FitConfig(**train, seed=config["seed"])
+    train.update(stage_lr_mult=mult, seed=int(config["seed"]))
+    return FitConfig(**train)
 
 
 def run_trial(

@@ -42,7 +42,8 @@ def ensure_ray(address: str | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False)
+            # address="local" starts a fresh instance even when RAY_ADDRESS points elsewhere.
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, log_to_driver=False)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise DriverError(f"could not start or reach {where}: {exc}") from exc
@@ -110,14 +111,21 @@ def metric_rows(result: dict[str, Any]) -> list[tuple[int, str, str, float]]:
     return rows
 
 
-def error_message(error: BaseException | None) -> str:
-    """A one-paragraph reason from a (possibly Ray-wrapped) trial exception."""
-    if error is None:
-        return "unknown error"
-    text = str(error).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray wraps the worker's traceback; its last line is "ExceptionType: message".
-    return lines[-1].strip() if lines else type(error).__name__
+def error_message(trial: Any) -> str:
+    """A one-line reason from a failed Tune trial: the worker exception's last traceback line."""
+    text = ""
+    error_file = getattr(trial, "error_file", None)
+    if error_file and Path(error_file).is_file():
+        text = Path(error_file).read_text(errors="replace")
+    else:
+        error = trial.get_error()
+        text = str(error) if error is not None else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "the trial failed without an error message (see the Ray logs)"
+    # Ray's text ends with the worker's "package.module.ExceptionType: message"; drop the module path.
+    kind, sep, message = lines[-1].partition(": ")
+    return f"{kind.rsplit('.', 1)[-1]}: {message}" if sep and " " not in kind else lines[-1]
 
 
 @dataclass
@@ -173,6 +181,7 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
                 run.trial_ids[key],
                 "completed",
                 checkpoint_path=final["checkpoint_path"],
+                data_hash=final.get("data_hash"),
                 provenance_update={
                     k: final.get(k)
                     for k in (
@@ -190,7 +199,7 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
                 run.on_event("completed", by_key[key], final)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._fail(self._key(trial), error_message(trial.get_error()))
+            self._fail(self._key(trial), error_message(trial))
 
         def _fail(self, key: str, reason: str) -> None:
             run.store.finish_trial(run.trial_ids[key], "failed", error=reason)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -104,13 +105,34 @@ class RandomSplit(_Strict):
     seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(min_length=1, max_length=100)
     a_classes: int | None = Field(None, ge=1)
 
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds list one twice: {value}; each seed draws one split")
+        return value
+
+
+# Tags of the tagged unions below; pydantic puts them in error locations, and ``_loc`` drops them.
+_UNION_TAGS = ("given-split", "random-split", "all-depths", "depth-list")
+
 
 def _split_kind(value: Any) -> str:
-    return "random" if isinstance(value, dict) and "random" in value else "given"
+    return "random-split" if isinstance(value, dict) and "random" in value else "given-split"
+
+
+def _depths_kind(value: Any) -> str:
+    return "all-depths" if isinstance(value, str) else "depth-list"
 
 
 Split = Annotated[
-    Annotated[GivenSplit, Tag("given")] | Annotated[RandomSplit, Tag("random")], Discriminator(_split_kind)
+    Annotated[GivenSplit, Tag("given-split")] | Annotated[RandomSplit, Tag("random-split")],
+    Discriminator(_split_kind),
+]
+Depths = Annotated[
+    Annotated[Literal["all"], Tag("all-depths")]
+    | Annotated[list[Annotated[int, Field(ge=1)]], Tag("depth-list")],
+    Discriminator(_depths_kind),
 ]
 
 
@@ -118,7 +140,7 @@ class TransferSpec(_Strict):
     """Yosinski et al. (2014): base nets on A and B, then AnB, AnB+, BnB, BnB+ and random per depth."""
 
     split: Split
-    depths: Literal["all"] | list[Annotated[int, Field(ge=1)]] = "all"
+    depths: Depths = "all"
     conditions: list[Condition] = Field(default_factory=lambda: list(CONDITIONS), min_length=1)
     bn: BnPolicy = "frozen"
     fine_tune_lr_mult: float = Field(1.0, ge=0, le=100)
@@ -217,26 +239,42 @@ class ValidatedSpec:
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in parts if not (isinstance(p, str) and p in ("given", "random")))
+    return ".".join(str(p) for p in parts if p not in _UNION_TAGS)
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to a readable length (a bad value may be a huge list)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 60
+    short.maxlist = short.maxdict = 8
+    return short.repr(value)
+
+
+def _models_in(annotation: Any) -> dict[str | None, type[BaseModel]]:
+    """The pydantic models in a field's annotation, keyed by their union tag (``None``: untagged)."""
+    models: dict[str | None, type[BaseModel]] = {}
+    for arg in get_args(annotation) or (annotation,):
+        tag = None
+        if get_origin(arg) is Annotated:
+            arg, *metadata = get_args(arg)
+            tag = next((m.tag for m in metadata if isinstance(m, Tag)), None)
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            models[tag] = arg
+    return models
 
 
 def _known_fields(loc: tuple[Any, ...]) -> list[str]:
     """Field names of the model at ``loc`` (for close matches on unknown keys)."""
-    model: Any = Spec
+    models: dict[str | None, type[BaseModel]] = {None: Spec}
     for part in loc:
-        if part in ("given", "random"):
+        if part in models:  # a union tag in the location picks that member of the union
+            models = {None: models[part]}
             continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
+        field = next(iter(models.values())).model_fields.get(part)
+        models = _models_in(field.annotation) if field is not None else {}
+        if not models:
             return []
-        ann = field.annotation
-        candidates = [
-            a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if not candidates:
-            return []
-        model = candidates[0]
-    return list(getattr(model, "model_fields", {}))
+    return list(next(iter(models.values())).model_fields)
 
 
 def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -255,7 +293,7 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
         shown = (
             ""
             if err["type"] in ("missing", "value_error") or isinstance(value, dict)
-            else f" (got {value!r})"
+            else f" (got {_short(value)})"
         )
         problems.append((_loc(loc), msg + shown))
     return problems

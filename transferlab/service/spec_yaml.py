@@ -9,6 +9,7 @@ import yaml
 
 MAX_SPEC_BYTES = 1_000_000
 MAX_ALIASES = 100
+MAX_ALIAS_NODES = 10_000  # nodes that aliases may add once expanded (billion laughs)
 
 
 class SpecError(ValueError):
@@ -28,18 +29,55 @@ class SpecError(ValueError):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and alias bombs."""
+    """SafeLoader that refuses duplicate keys, recursive aliases and alias bombs.
+
+    Aliases share one node, so a "billion laughs" document parses quickly; the cost comes later, when
+    the data is validated or printed. We count the nodes every alias would add once expanded.
+    """
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._aliases = 0
+        self._alias_nodes = 0
+        self._open_anchors: list[str | None] = []
+        self._node_sizes: dict[int, int] = {}
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102
         if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
                 raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases; refusing a possible alias bomb")
-        return super().compose_node(parent, index)
+            if event.anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(
+                    None, None, f"recursive alias *{event.anchor} inside its own anchor", event.start_mark
+                )
+            node = super().compose_node(parent, index)
+            self._alias_nodes += self._expanded_size(node)
+            if self._alias_nodes > MAX_ALIAS_NODES:
+                raise yaml.YAMLError(
+                    f"aliases expand to more than {MAX_ALIAS_NODES} values; refusing a possible alias bomb"
+                )
+            return node
+        anchor = getattr(self.peek_event(), "anchor", None)
+        self._open_anchors.append(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.pop()
+
+    def _expanded_size(self, node: yaml.Node) -> int:
+        """Values in ``node`` with every alias expanded (memoised: aliases share nodes)."""
+        size = self._node_sizes.get(id(node))
+        if size is None:
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            size = 1 + sum(self._expanded_size(child) for child in children)
+            self._node_sizes[id(node)] = size
+        return size
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # noqa: D102
         seen: dict[Any, int] = {}

@@ -255,6 +255,7 @@ class Store:
         error: str | None = None,
         checkpoint_path: str | None = None,
         provenance_update: Mapping[str, Any] | None = None,
+        data_hash: str | None = None,
     ) -> None:
         """End a trial with ``status``, stamping ``finished_at``.
 
@@ -264,6 +265,7 @@ class Store:
             error: why it failed, if it did.
             checkpoint_path: where its final checkpoint lies (kept unchanged when ``None``).
             provenance_update: keys merged into (and overriding) the recorded provenance.
+            data_hash: the fingerprint of the data split the trial trained on (kept when ``None``).
         """
         _check_choice("trial status", status, TRIAL_STATUSES)
         with self._writes.begin() as session:
@@ -275,6 +277,8 @@ class Store:
                 row.checkpoint_path = checkpoint_path
             if provenance_update:
                 row.provenance = {**row.provenance, **provenance_update}
+            if data_hash is not None:
+                row.data_hash = data_hash
 
     # -- reads ----------------------------------------------------------------------------------
 

@@ -1,0 +1,31 @@
+"""A plugin package used by the tests, found through its entry points like any installed plugin.
+
+``nan_digits`` is the digits task whose loss turns NaN whenever class 0 is among its classes, so in
+a 0-4 / 5-9 transfer study baseA fails and the trials copying it must be skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from transferlab.backbones.base import Backbone, StageInfo
+from transferlab.registry import TASKS
+
+
+def nan_digits(*, classes: list[int] | None = None, image_size: int = 16) -> Any:
+    """Digits whose loss is NaN when class 0 is included (for failure-path tests)."""
+    task = TASKS.get("digits")(classes=classes, image_size=image_size)
+    if classes is not None and 0 in classes:
+        task.loss = lambda outputs, batch: outputs["logits"].sum() * torch.tensor(float("nan"))
+    return task
+
+
+def twostage(*, in_channels: int = 3) -> Backbone:
+    """Two 3x3 conv stages (a plugin backbone for the tests)."""
+    stages = [
+        torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3, padding=1), torch.nn.ReLU()),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU()),
+    ]
+    return Backbone(stages, [StageInfo("c1", 4, 1, 3), StageInfo("c2", 8, 2, 7)], in_channels)
