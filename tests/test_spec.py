@@ -151,8 +151,13 @@ BAD_EDITS = [
     ),
     pytest.param(
         {"transfer.split": {"random": True, "seeds": [0], "a_classes": 10}},
-        ["transfer.split.a_classes: must leave classes for both halves: 1..9 (got 10)"],
+        ["transfer.split.a_classes: must leave at least 2 classes in each half: 2..8 (got 10)"],
         id="random-split-all-classes-in-A",
+    ),
+    pytest.param(
+        {"transfer.split": {"random": True, "seeds": [0], "a_classes": 1}},
+        ["transfer.split.a_classes: must leave at least 2 classes in each half: 2..8 (got 1)"],
+        id="random-split-one-class-in-A",
     ),
     pytest.param({"seeds": [0, 0]}, ["seeds: seeds list one twice: [0, 0]"], id="duplicate-seeds"),
     pytest.param(

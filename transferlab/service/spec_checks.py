@@ -24,16 +24,20 @@ def _class_splits(spec: Spec, num_classes: int, problems: list[tuple[str, str]])
     assert spec.transfer is not None
     split = spec.transfer.split
     if hasattr(split, "random"):
-        if split.a_classes is not None and not 1 <= split.a_classes < num_classes:
+        # Each half trains its own classifier, so each needs at least 2 classes.
+        if num_classes < 4:
+            problems.append(
+                ("transfer.split", f"the task has {num_classes} classes; a random A/B split needs at least 4")
+            )
+            return ()
+        if split.a_classes is not None and not 2 <= split.a_classes <= num_classes - 2:
             problems.append(
                 (
                     "transfer.split.a_classes",
-                    f"must leave classes for both halves: 1..{num_classes - 1} (got {split.a_classes})",
+                    "must leave at least 2 classes in each half: "
+                    f"2..{num_classes - 2} (got {split.a_classes})",
                 )
             )
-            return ()
-        if num_classes < 2:
-            problems.append(("transfer.split", f"the task has {num_classes} class; a split needs at least 2"))
             return ()
         return tuple(_random_split(num_classes, s, split.a_classes) for s in split.seeds)
     for side in ("A", "B"):
@@ -84,8 +88,13 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         task = build_task(spec.task.name, spec.task.options)
     except (TypeError, ValueError) as exc:
         raise SpecError(source, [("task", str(exc))]) from None
+    # Validation never loads or downloads weights: it only needs the stages' shapes.
+    options = {
+        **spec.backbone.options,
+        **({"pretrained": False} if "pretrained" in spec.backbone.options else {}),
+    }
     try:
-        backbone = build_backbone(spec.backbone.name, spec.backbone.options, task.target)
+        backbone = build_backbone(spec.backbone.name, options, task.target)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise SpecError(source, [("backbone", str(exc))]) from None
     try:
