@@ -148,3 +148,27 @@ def test_a_failed_base_net_skips_its_transfer_trials(ray_session, workdir: Path)
     assert "1 failed" in result.output and "4 skipped" in result.output
     assert (workdir / "transferlab-runs").is_dir()
     store.close()
+
+
+def test_an_interrupted_study_leaves_nothing_running(ray_session, tmp_path: Path) -> None:
+    spec = tmp_path / "interrupted.yaml"
+    spec.write_text(TINY_TRANSFER.replace("name: tiny", "name: interrupted"))
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+
+    def stop_after_first(kind: str, trial, data) -> None:
+        if kind == "completed":
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the driver handled a result
+
+    with pytest.raises(BaseException) as info:
+        transferlab.submit(spec, db=db, runs_dir=tmp_path / "runs", on_event=stop_after_first)
+    assert "interrupted" in str(info.value) or isinstance(info.value, KeyboardInterrupt)
+    store = Store.open(db, create=False)
+    info_ = store.find_experiment("interrupted")
+    statuses = [t.status for t in store.trials(info_.id)]
+    assert info_.status == "cancelled"
+    assert "running" not in statuses and "pending" not in statuses
+    assert statuses.count("completed") <= 1 and statuses.count("cancelled") >= 10
+    for t in store.trials(info_.id):
+        if t.status == "cancelled":
+            assert "stopped before this trial finished" in t.error
+    store.close()

@@ -7,10 +7,13 @@ nets that copy them); a transfer trial whose base failed is marked ``skipped`` w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,22 +264,12 @@ def run_level(
         tune_logger.setLevel(level)
 
 
-def run_study(
-    vspec: ValidatedSpec,
-    store: Any,
-    *,
-    address: str | None = None,
-    runs: Path | None = None,
-    on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
-    on_created: Callable[[int, list[PlannedTrial]], None] | None = None,
-) -> int:
-    """Record the experiment and its planned trials, run them through Ray Tune, and return its id."""
+def _record(
+    vspec: ValidatedSpec, store: Any, trials: list[PlannedTrial], storage: Path
+) -> tuple[int, dict[str, dict[str, Any]], dict[str, int]]:
+    """Write the experiment and its planned trials; return its id, the trial configs and trial ids by key."""
     from transferlab.service.store import TrialRecord
 
-    trials = plan_trials(vspec)
-    storage = runs_dir(runs)
-    ensure_ray(address)
-    check_resources(vspec)
     spec = vspec.spec
     exp_id = store.create_experiment(
         name=spec.name,
@@ -291,7 +284,7 @@ def run_study(
     )
     folder = storage / f"{_dirname(spec.name)}-{exp_id}"
     provenance = {"code_version": code_version(), "libraries": library_versions()}
-    configs = {}
+    configs: dict[str, dict[str, Any]] = {}
     records = []
     for t in trials:
         cfg = t.config(vspec)
@@ -299,6 +292,7 @@ def run_study(
             checkpoint_path=str(folder / "checkpoints" / _dirname(t.key) / "model.safetensors"),
             threads=max(1, int(spec.resources.cpu)),
             experiment_id=exp_id,
+            tune_folder=str(folder / "tune"),
         )
         configs[t.key] = cfg
         records.append(
@@ -312,38 +306,73 @@ def run_study(
                 bn_policy=t.bn_policy,
                 config=cfg,
                 base_key=t.base_key,
-                data_hash=None,
                 provenance=provenance,
             )
         )
-    trial_ids = store.add_trials(exp_id, records)
+    return exp_id, configs, store.add_trials(exp_id, records)
+
+
+def _ready_trials(run: StudyRun, trials: list[PlannedTrial], configs: dict[str, dict[str, Any]]) -> list:
+    """Trials of one level whose base net completed; the others are marked skipped with the reason."""
+    ready = []
+    for t in trials:
+        if t.base_key is not None and run.status.get(t.base_key) != "completed":
+            reason = f"base trial {t.base_key} did not complete ({run.status.get(t.base_key, 'not run')})"
+            run.store.finish_trial(run.trial_ids[t.key], "skipped", error=reason)
+            run.status[t.key] = "skipped"
+            if run.on_event:
+                run.on_event("skipped", t, {"error": reason})
+            continue
+        if t.base_key is not None:
+            configs[t.key]["base_checkpoint"] = configs[t.base_key]["checkpoint_path"]
+        ready.append(t)
+    return ready
+
+
+def run_study(
+    vspec: ValidatedSpec,
+    store: Any,
+    *,
+    address: str | None = None,
+    runs: Path | None = None,
+    on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
+    on_created: Callable[[int, list[PlannedTrial]], None] | None = None,
+) -> int:
+    """Record the experiment and its planned trials, run them through Ray Tune, and return its id.
+
+    Ctrl-C or SIGTERM stops the study: unfinished trials are marked ``cancelled`` (never
+    ``completed``), the experiment ``cancelled``, and ``StudyInterrupted`` is raised.
+    """
+    trials = plan_trials(vspec)
+    storage = runs_dir(runs)
+    ensure_ray(address)
+    check_resources(vspec)
+    exp_id, configs, trial_ids = _record(vspec, store, trials, storage)
+    run = StudyRun(store, exp_id, trial_ids, on_event=on_event)
     if on_created:
         on_created(exp_id, trials)
-    run = StudyRun(store, exp_id, trial_ids, on_event=on_event)
     store.set_experiment_status(exp_id, "running", started=True)
     try:
-        for level in sorted({t.level for t in trials}):
-            ready = []
-            for t in (t for t in trials if t.level == level):
-                if t.base_key is not None and run.status.get(t.base_key) != "completed":
-                    reason = (
-                        f"base trial {t.base_key} did not complete ({run.status.get(t.base_key, 'not run')})"
-                    )
-                    store.finish_trial(trial_ids[t.key], "skipped", error=reason)
-                    run.status[t.key] = "skipped"
-                    if on_event:
-                        on_event("skipped", t, {"error": reason})
+        with _sigterm_as_interrupt():
+            for level in sorted({t.level for t in trials}):
+                ready = _ready_trials(run, [t for t in trials if t.level == level], configs)
+                if not ready:
                     continue
-                if t.base_key is not None:
-                    configs[t.key]["base_checkpoint"] = configs[t.base_key]["checkpoint_path"]
-                ready.append(t)
-            if ready:
-                run_level(
-                    run, vspec, ready, [configs[t.key] for t in ready], folder / "tune", f"level{level}"
-                )
-    except BaseException:
-        _cancel_unfinished(run, trials)
+                tune_folder = Path(configs[ready[0].key]["tune_folder"])
+                run_level(run, vspec, ready, [configs[t.key] for t in ready], tune_folder, f"level{level}")
+                # Tune answers Ctrl-C by stopping its trials and returning normally; notice that here.
+                unfinished = [t.key for t in ready if run.status.get(t.key) not in ("completed", "failed")]
+                if unfinished:
+                    raise StudyInterrupted(
+                        f"the study was interrupted with {len(unfinished)} trials unfinished"
+                    )
+    except BaseException as exc:
+        cancelled = _cancel_unfinished(run, trials)
         store.set_experiment_status(exp_id, "cancelled", finished=True)
+        if isinstance(exc, (KeyboardInterrupt, StudyInterrupted)):
+            raise StudyInterrupted(
+                f"experiment {exp_id} was interrupted: {cancelled} unfinished trials were marked cancelled"
+            ) from None
         raise
     _cancel_unfinished(run, trials)
     done = all(run.status.get(t.key) == "completed" for t in trials)
@@ -351,10 +380,35 @@ def run_study(
     return exp_id
 
 
-def _cancel_unfinished(run: StudyRun, trials: list[PlannedTrial]) -> None:
+class StudyInterrupted(DriverError):
+    """The study was stopped (Ctrl-C, SIGTERM) before every trial finished."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` while the study runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cancel_unfinished(run: StudyRun, trials: list[PlannedTrial]) -> int:
+    """Mark every trial that neither finished nor was skipped as cancelled; return how many."""
+    count = 0
     for t in trials:
         if run.status.get(t.key) in (None, "running"):
             run.store.finish_trial(
                 run.trial_ids[t.key], "cancelled", error="the study stopped before this trial finished"
             )
             run.status[t.key] = "cancelled"
+            count += 1
+    return count
