@@ -84,4 +84,6 @@ def build_model(
     """A ``TransferModel`` for ``task`` from (name, options) pairs of a backbone and a head."""
     bb = build_backbone(backbone[0], backbone[1], task.target)
     hd = build_head(head[0], head[1], bb.feature_info, task.target)
-    return TransferModel(bb, hd, freeze_depth=freeze_depth, bn_policy=bn_policy)
+    return TransferModel(
+        bb, hd, freeze_depth=freeze_depth, bn_policy=bn_policy, input_key=task.target.input_key
+    )

@@ -159,7 +159,7 @@ def evaluate(
             batch = to_device(batch, device)
             with autocast():
                 outputs = model(batch)
-            n = len(batch["image"])
+            n = len(batch[model.input_key])
             total += float(task.loss(outputs, batch)) * n
             count += n
             task.update_metrics(metrics, outputs, batch)
@@ -228,7 +228,7 @@ def fit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            n = len(batch["image"])
+            n = len(batch[model.input_key])
             total, count = total + value * n, count + n
             task.update_metrics(metrics, outputs, batch)
         if schedule is not None:

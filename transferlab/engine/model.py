@@ -27,14 +27,22 @@ class TransferModel(nn.Module):
         head: A head built from ``backbone.feature_info``.
         freeze_depth: Number of leading stages to freeze (0 = none, ``len(stages)`` = all).
         bn_policy: "frozen" or "train", see the module docstring.
+        input_key: The batch field fed to the backbone (the task's ``target.input_key``).
     """
 
     def __init__(
-        self, backbone: Backbone, head: nn.Module, *, freeze_depth: int = 0, bn_policy: str = "frozen"
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        *,
+        freeze_depth: int = 0,
+        bn_policy: str = "frozen",
+        input_key: str = "image",
     ):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.input_key = input_key
         self.freeze_depth = 0
         self.bn_policy = "frozen"
         self.set_freeze(freeze_depth, bn_policy)
@@ -82,7 +90,7 @@ class TransferModel(nn.Module):
         return self.forward_trainable(frozen[-1] if frozen else x, frozen)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return self.head(self.forward_features(batch["image"]), batch)
+        return self.head(self.forward_features(batch[self.input_key]), batch)
 
     def stage_parameter_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Trainable parameters grouped as ("stage:<i>", params) per stage and ("head", params)."""

@@ -31,6 +31,7 @@ class TargetSpec:
         in_channels: Channels of the input images (the backbone is built for this).
         image_size: Input height and width in pixels.
         class_names: Human-readable class names, index-aligned with the labels.
+        input_key: The batch field the backbone reads ("image"; 1-D tasks may use e.g. "tokens").
     """
 
     kind: str
@@ -38,6 +39,7 @@ class TargetSpec:
     in_channels: int = 3
     image_size: tuple[int, int] = (32, 32)
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    input_key: str = "image"
 
 
 class InMemoryDataset(Dataset):
