@@ -259,6 +259,35 @@ def test_entry_point_clashing_with_builtin_names_both(
     assert str(again.value) == expected
 
 
+def test_a_plugin_that_also_uses_the_decorator_is_one_plugin(
+    plugin_module: str, fake_entry_points: Callable[..., None]
+) -> None:
+    import importlib
+
+    fake_entry_points(FakeEntryPoint("gear", f"{plugin_module}:gear", "acme-widgets"))
+    reg = widgets()
+    gear = importlib.import_module(plugin_module).gear
+    reg.register("gear")(gear)  # what `@REGISTRY.register` inside the plugin's module does
+    assert reg.entry("gear").source == "acme-widgets" and reg.get("gear") is gear
+
+
+def test_plugin_options_may_be_positional_or_keyword() -> None:
+    from transferlab.engine.assembly import check_options
+
+    def tinyvgg(in_channels=3, width=16):  # noqa: ANN001, ANN202 - a plugin author's plain signature
+        """A plugin without keyword-only markers."""
+
+    check_options("backbone", "tinyvgg", tinyvgg, {"width": 8})
+    with pytest.raises(ValueError, match="has no option 'depth'; its options are: in_channels, width"):
+        check_options("backbone", "tinyvgg", tinyvgg, {"depth": 8})
+
+    def head(feature_info, target, hidden=8):  # noqa: ANN001, ANN202
+        """Heads get (feature_info, target) positionally; those are not options."""
+
+    with pytest.raises(ValueError, match="its options are: hidden$"):
+        check_options("head", "mlp", head, {"target": 1})
+
+
 def test_registry_loads_entry_points_once(plugin_module: str, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     ep = FakeEntryPoint("gear", f"{plugin_module}:gear", "acme-widgets")

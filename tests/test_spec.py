@@ -62,6 +62,21 @@ def files_in(folder: Path) -> set[str]:
 # (edits to the tiny spec, fragments the error must contain: the field, the bad value, the fix)
 BAD_EDITS = [
     pytest.param(
+        {"backbone": {"name": "lenet5"}, "task.image_size": 16},
+        ["task: a 1x16x16 input does not fit backbone 'lenet5' with head 'classify'"],
+        id="input-too-small-for-backbone",
+    ),
+    pytest.param(
+        {"backbone": {"name": "lenet5", "activation": "sigmoid"}, "task.image_size": 32},
+        ["backbone: lenet5: activation must be 'tanh' or 'relu', got 'sigmoid'"],
+        id="bad-backbone-option-value",
+    ),
+    pytest.param(
+        {"train.device": "cuda"},
+        ["train.device: 'cuda' needs resources.gpu > 0"],
+        id="cuda-without-gpu-resource",
+    ),
+    pytest.param(
         {"backbone.name": "convnett"},
         [
             "backbone.name: backbone 'convnett' is not registered; did you mean 'convnet'?",
@@ -172,7 +187,7 @@ BAD_EDITS = [
     ),
     pytest.param(
         {"train.stage_lr_mult": [1.0, 0.1]},
-        ["train.stage_lr_mult: needs one multiplier per stage: 3 (stem, stage1, stage2), got 2"],
+        ["train.stage_lr_mult: needs one multiplier per stage: 3 (conv1, conv2, conv3), got 2"],
         id="stage-lr-mult-length",
     ),
     pytest.param(
@@ -343,7 +358,7 @@ def test_api_error_lists_field_and_message(tmp_path: Path, tiny_spec: Path) -> N
     with pytest.raises(SpecError) as info:
         load_spec(spec)
     assert info.value.problems == [
-        ("transfer.depths", "depth 4 is deeper than backbone 'convnet' (3 stages: stem, stage1, stage2)")
+        ("transfer.depths", "depth 4 is deeper than backbone 'convnet' (3 stages: conv1, conv2, conv3)")
     ]
 
 
@@ -353,7 +368,7 @@ def test_validate_quickstart_prints_plan(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.output.startswith(
         "quickstart (transfer study): 17 trials; backbone convnet "
-        "(5 stages: stem, stage1, stage2, stage3, stage4), head classify, "
+        "(5 stages: conv1, conv2, conv3, conv4, conv5), head classify, "
         "task digits (primary metric accuracy)"
     )
     lines = result.output.splitlines()
@@ -379,7 +394,7 @@ def test_validate_quickstart_json(workdir: Path) -> None:
     plan = json.loads(result.output)
     assert plan["trials"] == 17
     assert (plan["name"], plan["study"]) == ("quickstart", "transfer")
-    assert plan["stages"] == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    assert plan["stages"] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     assert plan["role"] == {"base": 2, "transfer": 15}
     assert plan["condition"] == {"baseA": 1, "baseB": 1, **{c: 3 for c in CONDITIONS}}
     assert plan["depth"] == {"0": 2, "1": 5, "3": 5, "5": 5}
@@ -414,7 +429,7 @@ def test_small_aliases_are_allowed(workdir: Path, tiny_spec: Path) -> None:
 
 def test_validate_depths_all_expands_to_every_stage(workdir: Path, tiny_spec: Path) -> None:
     plan = plan_json(workdir, edited(tiny_spec.read_text(), {"transfer.depths": "all"}))
-    assert plan["stages"] == ["stem", "stage1", "stage2"]
+    assert plan["stages"] == ["conv1", "conv2", "conv3"]
     assert plan["depth"] == {"0": 2, "1": 5, "2": 5, "3": 5}
     lenet = edited(
         tiny_spec.read_text(), {"backbone": "lenet5", "task.image_size": 32, "transfer.depths": "all"}

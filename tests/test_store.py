@@ -176,10 +176,12 @@ def test_status_changes_are_checked(store: Store) -> None:
         store.finish_trial(trial_id, "exploded")
     with pytest.raises(StoreError, match="no trial with id 777"):
         store.start_trial(777)
+    store.add_metrics(trial_id, [(1, "train", "loss", 2.0), (2, "train", "loss", float("nan"))])
     store.finish_trial(trial_id, "failed", error="loss is nan at epoch 3")
-    store.start_trial(trial_id)  # a resumed trial forgets its old end
+    store.start_trial(trial_id)  # a retried trial forgets its old end and the failed attempt's rows
     (row,) = store.trials(exp_id)
     assert (row.status, row.error, row.finished_at) == ("running", None, None)
+    assert count_rows(store, "metrics") == 0
     store.set_experiment_status(exp_id, "completed", finished=True)
     assert store.find_experiment(exp_id).finished_at is not None
 

@@ -139,6 +139,11 @@ class Registry(Generic[F]):
                 LoadFailure(ep.name, self.kind, source, ep.value, f"{type(exc).__name__}: {exc}")
             )
             return
+        existing = self._entries.get(ep.name)
+        if existing is not None and existing.factory is factory:
+            # The plugin also used the @register decorator on import: one plugin, its package the source.
+            self._entries[ep.name] = Entry(ep.name, self.kind, factory, source, existing.description)
+            return
         self.add(ep.name, factory, source=source)
 
     # -- lookup -------------------------------------------------------------------------------

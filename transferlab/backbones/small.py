@@ -40,7 +40,10 @@ def _with_receptive_fields(stages: list[nn.Module], infos: list[StageInfo]) -> l
 @BACKBONES.register("lenet5")
 def lenet5(*, in_channels: int = 1, activation: str = "tanh") -> Backbone:
     """LeNet-5 (LeCun et al. 1998): C1, S2, C3, S4, C5 as five stages; needs inputs of at least 32 px."""
-    act: type[nn.Module] = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    activations: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+    if activation not in activations:
+        raise ValueError(f"lenet5: activation must be 'tanh' or 'relu', got {activation!r}")
+    act = activations[activation]
     stages: list[nn.Module] = [
         nn.Sequential(nn.Conv2d(in_channels, 6, 5), act()),
         nn.AvgPool2d(2),
@@ -89,7 +92,8 @@ def convnet(
         for _ in range(blocks - 1):
             layers += _conv_bn_relu(width, width, 1, batch_norm)
         stages.append(nn.Sequential(*layers))
-        infos.append(StageInfo("stem" if i == 0 else f"stage{i}", width, reduction))
+        # Named by freeze depth: conv1 (the stem) is stage 1, so depth n freezes conv1..convn.
+        infos.append(StageInfo(f"conv{i + 1}", width, reduction))
         cin = width
     for module in stages:
         for m in module.modules():

@@ -62,7 +62,8 @@ class ProgressPrinter:
         self.progress.advance(self.task_id)
         if kind == "completed":
             value = data.get(f"test/{self.metric}")
-            self.console.print(f"[green]done[/]    {trial.key:<28} test {self.metric} {value:.4f}")
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+            self.console.print(f"[green]done[/]    {trial.key:<28} test {self.metric} {shown}")
         elif kind == "failed":
             self.console.print(f"[red]failed[/]  {trial.key:<28} {data.get('error')}")
         else:
@@ -141,7 +142,9 @@ def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) 
 
 
 def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:
+    """Print the results table (and write the figure); a study with failed trials exits non-zero."""
     from transferlab.cli.reports import show_results
+    from transferlab.service.api import open_store
 
     show_results(str(exp_id), db, "table")
     if plot_path:
@@ -149,6 +152,17 @@ def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:
 
         plot(exp_id, plot_path, db=db)
         console().print(f"figure written to [bold]{plot_path}[/]")
+    store = open_store(db, create=False)
+    try:
+        info = store.find_experiment(exp_id)
+        counts = store.trial_counts(exp_id)
+    finally:
+        store.close()
+    if info.status != "completed":
+        problems = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if status != "completed")
+        raise click.ClickException(
+            f"experiment {exp_id} finished with {problems} trials; `transferlab status {exp_id}` shows why"
+        )
 
 
 @click.command()

@@ -22,8 +22,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - the store is part of the package
         pass
     from transferlab.service.driver import DriverError
+    from transferlab.service.report import ReportError
 
-    errors.append(DriverError)
+    errors += [DriverError, ReportError]
     return tuple(errors)
 
 
@@ -36,6 +37,11 @@ class TransferlabGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
+            from transferlab.service.driver import StudyInterrupted
+
+            if isinstance(exc, StudyInterrupted):  # like any program stopped by Ctrl-C: status 130
+                click.echo(f"interrupted: {exc}", err=True)
+                raise click.exceptions.Exit(130) from exc
             if isinstance(exc, _expected_errors()):
                 raise click.ClickException(str(exc)) from exc
             raise

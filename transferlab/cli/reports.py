@@ -21,7 +21,8 @@ def show_results(experiment: str, db: str | None, output: str) -> None:
         store.close()
     if frame.empty:
         raise click.ClickException(
-            f"experiment {info.id} ({info.name}) has no completed trials yet (trials by status: {counts})"
+            f"experiment {info.id} ({info.name}, {info.status}) has no completed trials "
+            f"(trials by status: {counts})"
         )
     pivot = pivot_results(frame, info.higher_is_better)
     click.echo(

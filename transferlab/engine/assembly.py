@@ -22,10 +22,13 @@ def check_options(
     reserved: Sequence[str] = (),
 ) -> None:
     """Raise ``ValueError`` naming any option that ``factory`` does not accept."""
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = list(inspect.signature(factory).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
-    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved]
+    # Heads receive (feature_info, target) positionally; every other parameter is an option.
+    named = params[2:] if kind == "head" else params
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    allowed = [p.name for p in named if p.kind in keyword and p.name not in reserved]
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ValueError(

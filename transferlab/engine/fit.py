@@ -60,12 +60,17 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """What ``fit`` returns: per-epoch metrics, the final test metrics and where the checkpoint is."""
+    """What ``fit`` returns: per-epoch metrics, the final test metrics and where the checkpoint is.
+
+    ``best_epoch`` has the best validation score; ``test_epoch`` is the epoch whose weights were
+    tested and saved (``best_epoch`` with early stopping, else the last epoch run).
+    """
 
     history: list[dict[str, float]] = field(default_factory=list)
     test: dict[str, float] = field(default_factory=dict)
     best_epoch: int = 0
     epochs_run: int = 0
+    test_epoch: int = 0
     steps: int = 0
     seconds: float = 0.0
     checkpoint: Path | None = None
@@ -107,7 +112,11 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def build_optimizer(model: TransferModel, config: FitConfig) -> torch.optim.Optimizer:
-    """One parameter group per trainable stage and one for the head, each with its lr multiplier."""
+    """Parameter groups per trainable stage and for the head, each with its lr multiplier.
+
+    As in timm's ``param_groups_weight_decay``, biases and normalisation weights (tensors of one
+    dimension) get no weight decay; each stage therefore has up to two groups of the same lr.
+    """
     groups = []
     for name, params in model.stage_parameter_groups():
         if name == "head":
@@ -115,15 +124,19 @@ def build_optimizer(model: TransferModel, config: FitConfig) -> torch.optim.Opti
         else:
             index = int(name.split(":")[1])
             mult = config.stage_lr_mult[index] if config.stage_lr_mult else 1.0
-        groups.append({"params": params, "lr": config.lr * mult, "name": name})
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for group, weight_decay in ((decay, config.weight_decay), (no_decay, 0.0)):
+            if group:
+                groups.append(
+                    {"params": group, "lr": config.lr * mult, "weight_decay": weight_decay, "name": name}
+                )
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr)
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
 
 
@@ -231,6 +244,7 @@ def fit(
             n = len(batch[model.input_key])
             total, count = total + value * n, count + n
             task.update_metrics(metrics, outputs, batch)
+        lr_used = optimizer.param_groups[-1]["lr"]  # the head's lr during this epoch
         if schedule is not None:
             schedule.step()
 
@@ -240,7 +254,7 @@ def fit(
         row.update(
             {f"val/{k}": v for k, v in evaluate(model, task, val_set, config, device, autocast).items()}
         )
-        row["lr"] = optimizer.param_groups[-1]["lr"]
+        row["lr"] = lr_used
         result.history.append(row)
         result.epochs_run = epoch
         if on_epoch is not None:
@@ -257,11 +271,13 @@ def fit(
             if config.early_stopping_patience is not None and stale >= config.early_stopping_patience:
                 break
 
+    result.test_epoch = result.epochs_run
     if best_state is not None:  # evaluate and save the weights of the best validation epoch
         model.load_state_dict(best_state)
+        result.test_epoch = result.best_epoch
     result.test = evaluate(model, task, test_set, config, device, autocast)
     if checkpoint_path is not None:
-        meta = dict(checkpoint_metadata or {}, epoch=result.best_epoch or result.epochs_run)
+        meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)
     result.seconds = time.perf_counter() - started
     return result

@@ -13,6 +13,18 @@ import torch
 from transferlab.engine.assembly import build_model, build_task
 from transferlab.engine.checkpoint import load_backbone_stages
 from transferlab.engine.fit import EpochCallback, FitConfig, FitResult, fit
+from transferlab.tasks.base import stable_hash
+
+
+def init_seed(config: dict[str, Any]) -> int:
+    """The seed of a trial's weight initialisation: distinct for every (seed, split, condition, depth).
+
+    Base nets A and B, and the re-initialised upper stages of every transfer net, must start from
+    independent random weights, as in Yosinski et al. (2014); the spec's seed alone would give
+    every trial of a seed the same initial weights. The seed still fixes the data order.
+    """
+    key = [config["seed"], config.get("split"), config.get("condition"), config.get("depth")]
+    return int(stable_hash(key), 16) % 2**31
 
 
 def seed_everything(seed: int) -> None:
@@ -54,7 +66,7 @@ def run_trial(
     """
     if threads:
         torch.set_num_threads(max(1, int(threads)))
-    seed_everything(int(config["seed"]))
+    seed_everything(init_seed(config))
     task = build_task(config["task"]["name"], config["task"]["options"], classes=config.get("classes"))
     model = build_model(
         (config["backbone"]["name"], config["backbone"]["options"]),

@@ -45,27 +45,27 @@ def ensure_ray(address: str | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            # address="local" starts a fresh instance even when RAY_ADDRESS points elsewhere.
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, log_to_driver=False)
+            # address="local" starts a fresh instance even when RAY_ADDRESS points elsewhere; Ray sizes
+            # it to the CPUs and GPUs this process may use (cgroup and affinity limits included).
+            ray.init(address="local", log_to_driver=False)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise DriverError(f"could not start or reach {where}: {exc}") from exc
 
 
 def check_resources(vspec: ValidatedSpec) -> None:
-    """Refuse a trial that can never be scheduled on this Ray cluster."""
+    """Refuse a trial that no node of this Ray cluster could ever schedule."""
     import ray
 
     need = vspec.spec.resources
-    have = ray.cluster_resources()
-    if need.cpu > have.get("CPU", 0):
-        raise DriverError(
-            f"resources.cpu: each trial asks for {need.cpu} CPUs; the Ray cluster has {have.get('CPU', 0):g}"
-        )
-    if need.gpu > have.get("GPU", 0):
-        raise DriverError(
-            f"resources.gpu: each trial asks for {need.gpu} GPUs; the Ray cluster has {have.get('GPU', 0):g}"
-        )
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for key, name, asked in (("CPU", "cpu", need.cpu), ("GPU", "gpu", need.gpu)):
+        largest = max((n.get(key, 0.0) for n in nodes), default=0.0)
+        if asked > largest:
+            raise DriverError(
+                f"resources.{name}: each trial asks for {asked:g} {key}s; the largest node of the Ray "
+                f"cluster has {largest:g}"
+            )
 
 
 def _dirname(text: str) -> str:
@@ -89,7 +89,7 @@ def ray_trainable(config: dict[str, Any]) -> None:
     final = {f"test/{k}": v for k, v in result.test.items()}
     tune.report(
         {
-            "epoch": result.epochs_run,
+            "epoch": result.test_epoch,
             "final": 1,
             "best_epoch": result.best_epoch,
             "steps": result.steps,
@@ -258,10 +258,17 @@ def run_level(
     tune_logger = logging.getLogger("ray.tune")
     level = tune_logger.level
     tune_logger.setLevel(logging.ERROR)
+    # ...but keep Tune's warning that a trial waits for resources the cluster does not have.
+    logging.getLogger("ray.tune.execution.insufficient_resources_manager").setLevel(logging.WARNING)
+    # Tune installs its own Ctrl-C handler and never restores ours; put it back afterwards.
+    in_main = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if in_main else None
     try:
         tuner.fit()
     finally:
         tune_logger.setLevel(level)
+        if in_main:
+            signal.signal(signal.SIGINT, sigint)
 
 
 def _record(
@@ -294,6 +301,8 @@ def _record(
             experiment_id=exp_id,
             tune_folder=str(folder / "tune"),
         )
+        if t.base_key is not None:  # planned before its dependents, so its path is known
+            cfg["base_checkpoint"] = configs[t.base_key]["checkpoint_path"]
         configs[t.key] = cfg
         records.append(
             TrialRecord(
@@ -323,8 +332,6 @@ def _ready_trials(run: StudyRun, trials: list[PlannedTrial], configs: dict[str, 
             if run.on_event:
                 run.on_event("skipped", t, {"error": reason})
             continue
-        if t.base_key is not None:
-            configs[t.key]["base_checkpoint"] = configs[t.base_key]["checkpoint_path"]
         ready.append(t)
     return ready
 
@@ -349,10 +356,10 @@ def run_study(
     check_resources(vspec)
     exp_id, configs, trial_ids = _record(vspec, store, trials, storage)
     run = StudyRun(store, exp_id, trial_ids, on_event=on_event)
-    if on_created:
-        on_created(exp_id, trials)
-    store.set_experiment_status(exp_id, "running", started=True)
     try:
+        if on_created:
+            on_created(exp_id, trials)
+        store.set_experiment_status(exp_id, "running", started=True)
         with _sigterm_as_interrupt():
             for level in sorted({t.level for t in trials}):
                 ready = _ready_trials(run, [t for t in trials if t.level == level], configs)
@@ -386,13 +393,17 @@ class StudyInterrupted(DriverError):
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into ``KeyboardInterrupt`` while the study runs (main thread only)."""
+    """Treat SIGTERM like Ctrl-C while the study runs (main thread only).
+
+    The handler re-raises it as SIGINT, so whoever handles Ctrl-C at that moment acts: Tune's
+    handler (stop the running trials cleanly) during a level, Python's (``KeyboardInterrupt``) between.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -24,12 +24,14 @@ LIBRARIES = (
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """transferlab's version, plus the git commit (and "+dirty") when run from a checkout."""
+    """transferlab's version, plus ``+g<commit>`` (and ``.dirty``) when run from its own checkout."""
     try:
         base = version("transferlab")
     except PackageNotFoundError:
         base = "unknown"
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return base  # an installed copy: the enclosing folder's repository is not ours
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],

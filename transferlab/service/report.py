@@ -264,9 +264,9 @@ PLOT_STYLES: dict[str, dict[str, Any]] = {
     "BnB": {"marker": "o", "facecolor": "#1f3f99", "edgecolor": "#1f3f99", "color": "#1f3f99"},
     "BnB+": {"marker": "P", "facecolor": "#7fb3e6", "edgecolor": "#3d7fbf", "color": "#7fb3e6"},
     "AnB": {"marker": "D", "facecolor": "#d62728", "edgecolor": "#a01c1c", "color": "#d62728"},
-    "AnB+": {"marker": "D", "facecolor": "#f4a3c8", "edgecolor": "#d9649c", "color": "#f4a3c8"},
+    "AnB+": {"marker": "^", "facecolor": "#f4a3c8", "edgecolor": "#d9649c", "color": "#f4a3c8"},
     "random": {"marker": "x", "facecolor": "#808080", "edgecolor": "#808080", "color": "#808080"},
-    "single": {"marker": "o", "facecolor": "#1f3f99", "edgecolor": "#1f3f99", "color": "#1f3f99"},
+    "single": {"marker": "v", "facecolor": "#1f3f99", "edgecolor": "#1f3f99", "color": "#1f3f99"},
 }
 _DEFAULT_STYLE = {"marker": "s", "facecolor": "#9467bd", "edgecolor": "#6b4a8a", "color": "#9467bd"}
 _JITTER = 0.12  # half-width of the random x offset of each trial's marker, in depth units
@@ -345,7 +345,7 @@ def _draw_transfer(axes: Any, frame: pd.DataFrame) -> None:
     max_depth = int(frame["depth"].max())
     axes.set_xticks(range(max_depth + 1))
     axes.set_xlim(-0.5, max_depth + 0.5)
-    axes.set_xlabel("depth n (stages copied from the base net)")
+    axes.set_xlabel("depth n (first n stages copied and/or frozen)")
 
 
 def _draw_single(axes: Any, frame: pd.DataFrame) -> None:

@@ -7,6 +7,7 @@ option, class index and freeze depth is known to work before anything is written
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from transferlab.registry import HEADS, TASKS, UnknownPluginError
 from transferlab.service.spec import ClassSplit, Spec, ValidatedSpec
@@ -69,6 +70,33 @@ def _check_depths(
             )
 
 
+def _check_forward(spec: Spec, target: Any, backbone: Any, head: Any, source: str) -> None:
+    """Run one all-zero input of the task's size through backbone and head, as the trials will."""
+    import torch
+
+    if target.input_key != "image":  # 1-D tasks check their own input shapes
+        return
+    shape = (1, target.in_channels, *target.image_size)
+    backbone.eval()
+    head.eval()
+    try:
+        with torch.no_grad():
+            features = backbone(torch.zeros(shape))
+            head(features, {})
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise SpecError(
+            source,
+            [
+                (
+                    "task",
+                    f"a {shape[1]}x{shape[2]}x{shape[3]} input does not fit backbone "
+                    f"'{spec.backbone.name}' with head '{spec.head.name}': {reason}",
+                )
+            ],
+        ) from None
+
+
 def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     """Check plugin names, options, classes and depths; raise ``SpecError`` listing every problem."""
     from transferlab.engine.assembly import backbone_factory, build_backbone, build_head, build_task
@@ -95,12 +123,20 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     }
     try:
         backbone = build_backbone(spec.backbone.name, options, task.target)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise SpecError(source, [("backbone", str(exc))]) from None
     try:
-        build_head(spec.head.name, spec.head.options, backbone.feature_info, task.target)
-    except (TypeError, ValueError) as exc:
+        head = build_head(spec.head.name, spec.head.options, backbone.feature_info, task.target)
+    except (TypeError, ValueError, KeyError) as exc:
         raise SpecError(source, [("head", str(exc))]) from None
+    _check_forward(spec, task.target, backbone, head, source)
+    if spec.train.device.startswith("cuda") and spec.resources.gpu == 0:
+        problems.append(
+            (
+                "train.device",
+                f"'{spec.train.device}' needs resources.gpu > 0: Ray hides GPUs from trials without one",
+            )
+        )
 
     stage_names = tuple(backbone.feature_info.names)
     num_classes = task.target.num_classes or 0

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -201,9 +201,14 @@ class Store:
                 row.finished_at = utcnow()
 
     def start_trial(self, trial_id: int, *, ray_trial_id: str | None = None) -> None:
-        """Mark a trial ``running`` now; a restarted trial loses its earlier end time and error."""
+        """Mark a trial ``running`` now.
+
+        A restarted trial (a retry trains from scratch) loses its earlier end time, error and metric
+        rows, so no row of the failed attempt survives beside the new ones.
+        """
         with self._writes.begin() as session:
             row = self._get_trial(session, trial_id)
+            session.execute(delete(Metric).where(Metric.trial_id == trial_id))
             row.status = "running"
             row.started_at = utcnow()
             row.finished_at = None
