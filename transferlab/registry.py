@@ -197,7 +197,13 @@ class Registry(Generic[F]):
 BACKBONES: Registry[Callable[..., object]] = Registry(
     "backbone",
     entry_point_group="transferlab.backbones",
-    builtin_modules=("transferlab.backbones.small", "transferlab.backbones.timm_backbone"),
+    builtin_modules=(
+        "transferlab.backbones.small",
+        "transferlab.backbones.timm_backbone",
+        "transferlab.backbones.timm_zoo",
+        "transferlab.backbones.torchvision_zoo",
+        "transferlab.backbones.cifar",
+    ),
 )
 HEADS: Registry[Callable[..., object]] = Registry(
     "head", entry_point_group="transferlab.heads", builtin_modules=("transferlab.heads.classify",)

@@ -8,7 +8,7 @@ Freeze depth is one backbone-independent index: depth 0 freezes nothing, depth k
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -81,6 +81,9 @@ class Backbone(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.feature_info = FeatureInfo(feature_info)
         self.in_channels = in_channels
+        # Builds the architecture as published (classifier included), for `inspect`'s totals; None
+        # when the backbone has no such reference. Not a submodule: it is never trained or saved.
+        self.reference: Callable[[], nn.Module] | None = None
 
     @property
     def num_stages(self) -> int:

@@ -1,0 +1,1 @@
+"""Placeholder: filled by the backbone-zoo work (issue 4)."""
