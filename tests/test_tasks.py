@@ -387,3 +387,37 @@ def test_unknown_option_and_split(name: str) -> None:
 def test_tiny_digits_split_fails_with_the_options() -> None:
     with pytest.raises(ValueError, match=r"digits: cannot split 1797 samples with val_fraction=0.001"):
         make("digits", val_fraction=0.001).dataset("train")
+
+
+def test_given_normalization_replaces_the_default() -> None:
+    from transferlab.registry import TASKS
+
+    default = TASKS.get("digits")(image_size=16, channels=3)
+    given = TASKS.get("digits")(image_size=16, channels=3, mean=[0.5, 0.4, 0.3], std=[0.25, 0.2, 0.1])
+    (dm, ds), (gm, gs) = default.normalization, given.normalization
+    assert gm == (0.5, 0.4, 0.3) and gs == (0.25, 0.2, 0.1)
+    raw = default.dataset("train").tensors["image"] * torch.tensor(ds).view(1, 3, 1, 1) + torch.tensor(
+        dm
+    ).view(1, 3, 1, 1)
+    expected = (raw - torch.tensor(gm).view(1, 3, 1, 1)) / torch.tensor(gs).view(1, 3, 1, 1)
+    assert torch.allclose(given.dataset("train").tensors["image"], expected, atol=1e-5)
+    shapes = TASKS.get("shapes")(
+        image_size=16, train_size=8, val_size=4, test_size=4, mean=[0, 0, 0], std=[1, 1, 1]
+    )
+    assert shapes.normalization == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert float(shapes.dataset("train").tensors["image"].min()) >= 0.0  # raw [0, 1] pixels
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mean": [0.5]}, "give both mean and std"),
+        ({"mean": [0.5, 0.5], "std": [0.2, 0.2]}, "mean needs 1 values"),
+        ({"mean": [0.5], "std": [0.0]}, "std values must be > 0"),
+    ],
+)
+def test_bad_normalization_options(options: dict, message: str) -> None:
+    from transferlab.registry import TASKS
+
+    with pytest.raises(ValueError, match=message):
+        TASKS.get("digits")(**options)

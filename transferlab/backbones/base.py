@@ -84,6 +84,9 @@ class Backbone(nn.Module):
         # Builds the architecture as published (classifier included), for `inspect`'s totals; None
         # when the backbone has no such reference. Not a submodule: it is never trained or saved.
         self.reference: Callable[[], nn.Module] | None = None
+        # The input a pretrained version expects ({"mean", "std", "input_size"}, as timm's
+        # pretrained_cfg); tasks follow it when the spec loads pretrained weights. None if unknown.
+        self.data_config: dict | None = None
 
     @property
     def num_stages(self) -> int:

@@ -55,15 +55,56 @@ def build_task(
 
 
 def build_backbone(name: str, options: Mapping[str, Any] | None, target: TargetSpec) -> Backbone:
-    """Instantiate backbone ``name`` for the task's input channels (unless the options set them)."""
+    """Instantiate backbone ``name`` for the task's input channels (unless the options set them).
+
+    ``weights: PATH`` works for every backbone: a factory that takes ``weights`` itself (timm ones,
+    which map the original layer names) gets it; for any other the file is loaded afterwards and
+    must hold the backbone's own state dict or a transferlab checkpoint.
+    """
     factory, implied = backbone_factory(name)
     options = dict(options or {})
+    weights = None
+    if "weights" in options and "weights" not in inspect.signature(factory).parameters:
+        weights = options.pop("weights")
     check_options("backbone", name, factory, options, reserved=tuple(implied))
     kwargs = {"in_channels": target.in_channels, **implied, **options}
     backbone = factory(**kwargs)
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone '{name}' returned {type(backbone).__name__}, not a transferlab Backbone")
+    if weights:
+        from transferlab.backbones.weights import load_backbone_weights
+
+        load_backbone_weights(backbone, weights)
     return backbone
+
+
+def uses_pretrained_weights(options: Mapping[str, Any]) -> bool:
+    """Whether backbone options ask for pretrained weights (``pretrained: true`` or ``weights: PATH``)."""
+    return bool(options.get("pretrained") or options.get("weights"))
+
+
+def pretrained_task_options(
+    task_name: str, task_options: Mapping[str, Any], target: TargetSpec, data_config: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Task options with a pretrained backbone's normalisation and input size filled in.
+
+    Only options the spec leaves unset and the task accepts are filled: ``mean``/``std`` (averaged over
+    channels for a grey task) and ``image_size`` (the pretrained input's width).
+    """
+    out = dict(task_options)
+    if not data_config:
+        return out
+    params = inspect.signature(TASKS.get(task_name)).parameters
+    mean, std = data_config.get("mean"), data_config.get("std")
+    if "mean" in params and "std" in params and "mean" not in out and "std" not in out and mean and std:
+        if len(mean) != target.in_channels:  # e.g. a 1-channel task on an RGB-pretrained model
+            mean = [sum(mean) / len(mean)] * target.in_channels
+            std = [sum(std) / len(std)] * target.in_channels
+        out.update(mean=list(mean), std=list(std))
+    size = data_config.get("input_size")
+    if "image_size" in params and "image_size" not in out and size:
+        out["image_size"] = int(size[-1])
+    return out
 
 
 def build_head(

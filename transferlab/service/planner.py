@@ -66,7 +66,7 @@ class PlannedTrial:
             "fine_tune_lr_mult": spec.transfer.fine_tune_lr_mult if spec.transfer else 1.0,
             "backbone": {"name": spec.backbone.name, "options": spec.backbone.options},
             "head": {"name": spec.head.name, "options": spec.head.options},
-            "task": {"name": spec.task.name, "options": spec.task.options},
+            "task": {"name": spec.task.name, "options": vspec.task_options},
             "train": spec.train.model_dump(),
         }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -228,6 +228,8 @@ class ValidatedSpec:
     num_classes: int
     primary_metric: str
     higher_is_better: bool
+    #: The task options trials use: the spec's, plus a pretrained backbone's normalisation and size.
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:

@@ -99,7 +99,14 @@ def _check_forward(spec: Spec, target: Any, backbone: Any, head: Any, source: st
 
 def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     """Check plugin names, options, classes and depths; raise ``SpecError`` listing every problem."""
-    from transferlab.engine.assembly import backbone_factory, build_backbone, build_head, build_task
+    from transferlab.engine.assembly import (
+        backbone_factory,
+        build_backbone,
+        build_head,
+        build_task,
+        pretrained_task_options,
+        uses_pretrained_weights,
+    )
 
     problems: list[tuple[str, str]] = []
     for loc, registry, name in (("task.name", TASKS, spec.task.name), ("head.name", HEADS, spec.head.name)):
@@ -129,6 +136,18 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         head = build_head(spec.head.name, spec.head.options, backbone.feature_info, task.target)
     except (TypeError, ValueError, KeyError) as exc:
         raise SpecError(source, [("head", str(exc))]) from None
+    task_options = dict(spec.task.options)
+    if uses_pretrained_weights(spec.backbone.options):
+        task_options = pretrained_task_options(
+            spec.task.name, task_options, task.target, backbone.data_config
+        )
+        if task_options != spec.task.options:  # rebuild for the pretrained model's input
+            try:
+                task = build_task(spec.task.name, task_options)
+            except (TypeError, ValueError) as exc:
+                raise SpecError(
+                    source, [("task", f"with the pretrained model's input settings: {exc}")]
+                ) from None
     _check_forward(spec, task.target, backbone, head, source)
     if spec.train.device.startswith("cuda") and spec.resources.gpu == 0:
         problems.append(
@@ -179,4 +198,5 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         num_classes=num_classes,
         primary_metric=task.primary_metric,
         higher_is_better=task.higher_is_better,
+        task_options=task_options,
     )

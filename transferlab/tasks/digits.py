@@ -23,6 +23,7 @@ from transferlab.tasks.splits import (
     check_classes,
     check_fraction,
     check_int,
+    check_normalization,
     check_split,
     select_classes,
     stratified_split,
@@ -48,6 +49,7 @@ class DigitsTask(ClassificationTask):
         val_fraction: float,
         test_fraction: float,
         split_seed: int,
+        normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     ) -> None:
         self.classes = classes
         self.image_size = image_size
@@ -64,7 +66,8 @@ class DigitsTask(ClassificationTask):
             class_names=tuple(CLASS_NAMES[c] for c in picked),
         )
         self._datasets: dict[str, InMemoryDataset] | None = None
-        self._normalization: tuple[float, float] | None = None
+        self._given_normalization = normalization
+        self._normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self._raw_hash: str | None = None
 
     def options(self) -> dict[str, Any]:
@@ -76,6 +79,8 @@ class DigitsTask(ClassificationTask):
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
             "split_seed": self.split_seed,
+            "mean": list(self._given_normalization[0]) if self._given_normalization else None,
+            "std": list(self._given_normalization[1]) if self._given_normalization else None,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -92,8 +97,7 @@ class DigitsTask(ClassificationTask):
         """Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels (channels alike)."""
         self._build()
         assert self._normalization is not None
-        mean, std = self._normalization
-        return (mean,) * self.channels, (std,) * self.channels
+        return self._normalization
 
     def dataset(self, split: str) -> Dataset:
         """``InMemoryDataset`` with ``image`` (float32 N x C x H x W), ``label`` and ``index`` (int64 N).
@@ -115,17 +119,22 @@ class DigitsTask(ClassificationTask):
         fractions = {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
         split_index = stratified_split(self.name, labels, **fractions, seed=self.split_seed)
         images = resize(torch.from_numpy(raw).float().div_(MAX_VALUE), self.image_size)
-        train = images[torch.from_numpy(split_index["train"])]
-        mean, std = float(train.mean()), float(train.std())
-        images = images.sub_(mean).div_(std)
         if self.channels == 3:
             images = images.expand(-1, 3, -1, -1).contiguous()
+        if self._given_normalization is None:
+            train = images[torch.from_numpy(split_index["train"])]
+            mean, std = float(train.mean()), float(train.std())
+            self._normalization = ((mean,) * self.channels, (std,) * self.channels)
+        else:
+            self._normalization = self._given_normalization
+        shape = (1, self.channels, 1, 1)
+        mean_t, std_t = (torch.tensor(v).view(shape) for v in self._normalization)
+        images = images.sub_(mean_t).div_(std_t)
         datasets = {}
         for split in SPLITS:
             rows = torch.from_numpy(split_index[split])
             tensors = {"image": images[rows], "label": torch.from_numpy(labels)[rows], "index": rows}
             datasets[split] = select_classes(tensors, None, self.classes, NUM_CLASSES)
-        self._normalization = (mean, std)
         self._datasets = datasets
         return datasets
 
@@ -150,6 +159,8 @@ def digits(
     val_fraction: float = 0.15,
     test_fraction: float = 0.25,
     split_seed: int = 0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> DigitsTask:
     """Real handwritten digits 0-9 from scikit-learn (1797 8x8 images, resized), stratified splits.
 
@@ -161,6 +172,10 @@ def digits(
         val_fraction: Share of all samples in the validation split, in (0, 0.5).
         test_fraction: Share of all samples in the test split, in (0, 0.5).
         split_seed: ``random_state`` of the stratified split.
+        mean: Per-channel means to subtract from the [0, 1] pixels (with ``std``); by default the
+            training split's mean and std, the same for every class subset. Set them to a pretrained
+            backbone's normalisation (transferlab does when the backbone loads pretrained weights).
+        std: Per-channel standard deviations to divide by.
     """
     return DigitsTask(
         classes=check_classes("digits", classes, CLASS_NAMES),
@@ -169,4 +184,5 @@ def digits(
         val_fraction=check_fraction("digits", "val_fraction", val_fraction),
         test_fraction=check_fraction("digits", "test_fraction", test_fraction),
         split_seed=check_int("digits", "split_seed", split_seed, minimum=0, maximum=2**32 - 1),
+        normalization=check_normalization("digits", mean, std, channels),
     )

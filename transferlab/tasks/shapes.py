@@ -51,7 +51,13 @@ from transferlab.tasks.shapes_render import (
     RenderedShapes,
     render_scenes,
 )
-from transferlab.tasks.splits import check_classes, check_int, check_split, select_classes
+from transferlab.tasks.splits import (
+    check_classes,
+    check_int,
+    check_normalization,
+    check_split,
+    select_classes,
+)
 
 # Per-channel statistics of the default generator (20k images of 32 px), fixed so that the pixels of a
 # sample never depend on the split sizes or the class subset.
@@ -65,11 +71,15 @@ class ShapesTask(ClassificationTask):
     """Classify the largest shape; see :func:`shapes` for the options and the module for the data."""
 
     name = "shapes"
-    #: Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels.
-    normalization = (MEAN, STD)
 
     def __init__(self, **options: Any) -> None:
         self._options = options
+        #: Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels.
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] = (
+            (tuple(options["mean"]), tuple(options["std"]))
+            if options.get("mean") is not None
+            else (MEAN, STD)
+        )
         self.classes: tuple[int, ...] | None = options["classes"]
         size = options["image_size"]
         picked = self.classes if self.classes is not None else tuple(range(len(KINDS)))
@@ -127,7 +137,7 @@ class ShapesTask(ClassificationTask):
             scenes = render_scenes(
                 CHUNK, opts["image_size"], rng, min_shapes=opts["min_shapes"], max_shapes=opts["max_shapes"]
             )
-            samples, chunk_captions = _to_samples(scenes)
+            samples, chunk_captions = _to_samples(scenes, self.normalization)
             n = min(CHUNK, size - lo)  # the last chunk is rendered whole so that sizes share a prefix
             for name, values in samples.items():
                 if name not in tensors:
@@ -138,12 +148,14 @@ class ShapesTask(ClassificationTask):
         return tensors, {"caption": captions}
 
 
-def _to_samples(scenes: RenderedShapes) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _to_samples(
+    scenes: RenderedShapes, normalization: tuple[tuple[float, ...], tuple[float, ...]]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors (normalised image, label, mask, box, count) and captions of rendered scenes."""
     n = len(scenes.count)
     largest = scenes.largest
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization[0]).view(1, 3, 1, 1)
+    std = torch.tensor(normalization[1]).view(1, 3, 1, 1)
     tensors = {
         "image": torch.from_numpy(scenes.image).sub_(mean).div_(std),
         "label": torch.from_numpy(scenes.kind[np.arange(n), largest]),
@@ -198,6 +210,8 @@ def shapes(
     seed: int = 0,
     min_shapes: int = 1,
     max_shapes: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> ShapesTask:
     """Synthetic coloured shapes (deterministic by seed) with label, mask, box, count and caption.
 
@@ -211,7 +225,12 @@ def shapes(
         seed: Generator seed; each split and each chunk of ``CHUNK`` images derives its own stream.
         min_shapes: Fewest shapes per image (1..3).
         max_shapes: Most shapes per image (min_shapes..3).
+        mean: Per-channel means (3 values) to subtract from the [0, 1] pixels, with ``std``; by
+            default ``MEAN``/``STD`` measured on this generator. A pretrained backbone's own
+            normalisation is filled in by transferlab unless the spec sets these.
+        std: Per-channel standard deviations (3 values).
     """
+    normalization = check_normalization("shapes", mean, std, 3)
     min_shapes = check_int("shapes", "min_shapes", min_shapes, minimum=1, maximum=MAX_SHAPES)
     return ShapesTask(
         classes=check_classes("shapes", classes, KINDS),
@@ -222,4 +241,6 @@ def shapes(
         seed=check_int("shapes", "seed", seed, minimum=0),
         min_shapes=min_shapes,
         max_shapes=check_int("shapes", "max_shapes", max_shapes, minimum=min_shapes, maximum=MAX_SHAPES),
+        mean=list(normalization[0]) if normalization else None,
+        std=list(normalization[1]) if normalization else None,
     )

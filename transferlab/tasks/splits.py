@@ -72,6 +72,24 @@ def check_classes(
     return picked
 
 
+def check_normalization(
+    task: str, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Validate per-channel ``mean``/``std`` options (both or neither; one value per channel, std > 0)."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise ValueError(f"{task}: give both mean and std (one value per channel), or neither")
+    values = {}
+    for option, given in (("mean", mean), ("std", std)):
+        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or len(given) != channels:
+            raise ValueError(f"{task}: {option} needs {channels} values (one per channel), got {given!r}")
+        values[option] = tuple(float(v) for v in given)
+    if any(v <= 0 for v in values["std"]):
+        raise ValueError(f"{task}: std values must be > 0, got {list(values['std'])}")
+    return values["mean"], values["std"]
+
+
 def check_split(task: str, split: str) -> None:
     """Raise a ValueError unless ``split`` is one of ``SPLITS``."""
     if split not in SPLITS:
