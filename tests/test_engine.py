@@ -187,3 +187,32 @@ def test_run_trial_freezes_copied_stages_bit_identically(tmp_path: Path) -> None
 def test_run_trial_without_base_checkpoint_is_an_error() -> None:
     with pytest.raises(ValueError, match="no base checkpoint"):
         run_trial(trial_config(copy_depth=1))
+
+
+class Crash(Exception):
+    """Stands for a worker dying after an epoch."""
+
+
+def test_fit_resumes_after_the_last_finished_epoch_and_matches_an_uninterrupted_run(
+    task, tmp_path: Path
+) -> None:
+    config = FitConfig(epochs=4, batch_size=64, lr=0.05)
+    straight = fit(model_for(task), task, config)
+
+    def crash_at_2(epoch: int, row: dict) -> None:
+        if epoch == 2:
+            raise Crash
+
+    state = tmp_path / "resume.pt"
+    with pytest.raises(Crash):
+        fit(model_for(task), task, config, on_epoch=crash_at_2, resume_path=state)
+    assert state.is_file()
+    seen: list[int] = []
+    resumed = fit(
+        model_for(task, seed=9), task, config, on_epoch=lambda e, r: seen.append(e), resume_path=state
+    )
+    assert resumed.resumed_from == 2 and seen == [1, 2, 3, 4]  # earlier rows are reported again
+    assert resumed.steps == straight.steps and resumed.epochs_run == 4
+    for mine, theirs in zip(resumed.history, straight.history, strict=True):
+        assert mine == pytest.approx(theirs)
+    assert resumed.test == pytest.approx(straight.test)

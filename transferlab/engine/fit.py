@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class FitResult:
     best_epoch: int = 0
     epochs_run: int = 0
     test_epoch: int = 0
+    resumed_from: int = 0
     steps: int = 0
     seconds: float = 0.0
     checkpoint: Path | None = None
@@ -181,6 +183,66 @@ def evaluate(
     return out
 
 
+def train_epoch(
+    model: TransferModel,
+    task: Task,
+    dataset: Dataset,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: FitConfig,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    generator: torch.Generator,
+    epoch: int,
+    steps: int,
+) -> tuple[dict[str, float], int]:
+    """One pass over the training data; returns (train metrics, total steps so far).
+
+    Raises:
+        NonFiniteLossError: The loss became NaN or infinite.
+    """
+    model.train()
+    metrics = {k: m.to(device) for k, m in task.metrics().items()}
+    total, count = 0.0, 0
+    batches = iterate_batches(
+        dataset, config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers
+    )
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast():
+            outputs = model(batch)
+            loss = task.loss(outputs, batch)
+        steps += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(epoch, steps, value)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = len(batch[model.input_key])
+        total, count = total + value * n, count + n
+        task.update_metrics(metrics, outputs, batch)
+    row = {"train/loss": total / max(count, 1)}
+    row.update({f"train/{k}": float(m.compute()) for k, m in metrics.items()})
+    return row, steps
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the state to resume training from (tensors and plain values only) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_state(path: Path) -> dict[str, Any] | None:
+    """The saved training state, loaded with ``weights_only=True`` (no code is unpickled); None if absent."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def fit(
     model: TransferModel,
     task: Task,
@@ -189,6 +251,7 @@ def fit(
     on_epoch: EpochCallback | None = None,
     checkpoint_path: str | Path | None = None,
     checkpoint_metadata: dict[str, Any] | None = None,
+    resume_path: str | Path | None = None,
 ) -> FitResult:
     """Train ``model`` on ``task`` and evaluate it.
 
@@ -199,6 +262,9 @@ def fit(
         on_epoch: Called after each epoch with (epoch from 1, {"train/loss": ..., "val/accuracy": ...}).
         checkpoint_path: Where to write the final weights (safetensors), if given.
         checkpoint_metadata: Stored in the checkpoint's header.
+        resume_path: Where the training state is saved after every epoch. If a state is already there
+            (the trial was interrupted or retried), training resumes after its epoch and the earlier
+            epochs' rows are passed to ``on_epoch`` again, so a fresh record of them is complete.
 
     Raises:
         NonFiniteLossError: The loss became NaN or infinite.
@@ -219,46 +285,49 @@ def fit(
     train_set, val_set, test_set = (task.dataset(s) for s in ("train", "val", "test"))
     primary, sign = task.primary_metric, (1.0 if task.higher_is_better else -1.0)
     result = FitResult()
-    best_score, best_state, stale = -math.inf, None, 0
+    best_score, best_state, stale, first_epoch = -math.inf, None, 0, 1
 
-    for epoch in range(1, config.epochs + 1):
-        # -- train one epoch ----------------------------------------------------------------------
-        model.train()
-        metrics = {k: m.to(device) for k, m in task.metrics().items()}
-        total, count = 0.0, 0
-        for batch in iterate_batches(
-            train_set, config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers
-        ):
-            batch = to_device(batch, device)
-            with autocast():
-                outputs = model(batch)
-                loss = task.loss(outputs, batch)
-            result.steps += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(epoch, result.steps, value)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = len(batch[model.input_key])
-            total, count = total + value * n, count + n
-            task.update_metrics(metrics, outputs, batch)
+    resume_file = Path(resume_path) if resume_path is not None else None
+    saved = load_training_state(resume_file) if resume_file is not None else None
+    if saved is not None:  # continue an interrupted run exactly where its last epoch ended
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        generator.set_state(saved["generator"])
+        result.history, result.steps = list(saved["history"]), int(saved["steps"])
+        result.best_epoch, result.resumed_from = int(saved["best_epoch"]), int(saved["epoch"])
+        best_score, stale, best_state = float(saved["best_score"]), int(saved["stale"]), saved["best_state"]
+        first_epoch = result.epochs_run = int(saved["epoch"])
+        first_epoch += 1
+        for epoch, row in enumerate(result.history, start=1):
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+
+    for epoch in range(first_epoch, config.epochs + 1):
+        row, result.steps = train_epoch(
+            model,
+            task,
+            train_set,
+            optimizer,
+            scaler,
+            config,
+            device,
+            autocast,
+            generator,
+            epoch,
+            result.steps,
+        )
         lr_used = optimizer.param_groups[-1]["lr"]  # the head's lr during this epoch
         if schedule is not None:
             schedule.step()
-
-        # -- evaluate and report ------------------------------------------------------------------
-        row = {"train/loss": total / max(count, 1)}
-        row.update({f"train/{k}": float(m.compute()) for k, m in metrics.items()})
         row.update(
             {f"val/{k}": v for k, v in evaluate(model, task, val_set, config, device, autocast).items()}
         )
         row["lr"] = lr_used
         result.history.append(row)
         result.epochs_run = epoch
-        if on_epoch is not None:
-            on_epoch(epoch, row)
 
         # -- early stopping on the primary validation metric --------------------------------------
         score = sign * row[f"val/{primary}"]
@@ -268,8 +337,26 @@ def fit(
                 best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if config.early_stopping_patience is not None and stale >= config.early_stopping_patience:
-                break
+        if resume_file is not None:
+            state = {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict() if schedule is not None else {},
+                "scaler": scaler.state_dict(),
+                "generator": generator.get_state(),
+                "history": result.history,
+                "steps": result.steps,
+                "best_epoch": result.best_epoch,
+                "best_score": best_score,
+                "stale": stale,
+                "best_state": best_state,
+            }
+            save_training_state(resume_file, state)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if config.early_stopping_patience is not None and stale >= config.early_stopping_patience:
+            break
 
     result.test_epoch = result.epochs_run
     if best_state is not None:  # evaluate and save the weights of the best validation epoch

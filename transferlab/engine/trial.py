@@ -89,6 +89,9 @@ def run_trial(
         "copied_tensors": len(copied),
         "num_stages": model.backbone.num_stages,
     }
+    # The training state beside the checkpoint lets a retried or resumed trial continue after its
+    # last finished epoch; it is removed once the final checkpoint exists.
+    resume_path = Path(checkpoint_path).with_name("resume.pt") if checkpoint_path is not None else None
     result = fit(
         model,
         task,
@@ -96,5 +99,9 @@ def run_trial(
         on_epoch=on_epoch,
         checkpoint_path=checkpoint_path,
         checkpoint_metadata={"trial_key": config.get("trial_key"), "freeze_depth": model.freeze_depth},
+        resume_path=resume_path,
     )
+    if resume_path is not None:
+        resume_path.unlink(missing_ok=True)
+    facts["resumed_from_epoch"] = result.resumed_from
     return result, facts

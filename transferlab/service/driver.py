@@ -76,6 +76,7 @@ def ray_trainable(config: dict[str, Any]) -> None:
     """The Ray Tune function trainable: run one trial and report every epoch, then the test metrics."""
     from ray import tune
 
+    from transferlab.engine.fit import NonFiniteLossError
     from transferlab.engine.trial import run_trial
 
     trial = config["trial"]
@@ -83,9 +84,15 @@ def ray_trainable(config: dict[str, Any]) -> None:
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         tune.report({"epoch": epoch, **row})
 
-    result, facts = run_trial(
-        trial, checkpoint_path=trial["checkpoint_path"], on_epoch=on_epoch, threads=trial.get("threads")
-    )
+    try:
+        result, facts = run_trial(
+            trial, checkpoint_path=trial["checkpoint_path"], on_epoch=on_epoch, threads=trial.get("threads")
+        )
+    except (NonFiniteLossError, torch_oom_error()) as exc:
+        # Deterministic failures: retrying cannot help, so end the trial as failed with the reason
+        # instead of raising (which Tune would retry up to max_failures times).
+        tune.report({"epoch": getattr(exc, "epoch", 0), "final": 1, "failed": f"{type(exc).__name__}: {exc}"})
+        return
     final = {f"test/{k}": v for k, v in result.test.items()}
     tune.report(
         {
@@ -99,6 +106,13 @@ def ray_trainable(config: dict[str, Any]) -> None:
             **final,
         }
     )
+
+
+def torch_oom_error() -> type[BaseException]:
+    """torch's out-of-memory exception type."""
+    import torch
+
+    return torch.OutOfMemoryError
 
 
 def metric_rows(result: dict[str, Any]) -> list[tuple[int, str, str, float]]:
@@ -180,6 +194,9 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
             if final is None:  # the trainable returned without its final report
                 self._fail(key, "trial ended without reporting test metrics")
                 return
+            if final.get("failed"):
+                self._fail(key, str(final["failed"]))
+                return
             run.store.finish_trial(
                 run.trial_ids[key],
                 "completed",
@@ -193,6 +210,7 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
                         "steps",
                         "fit_seconds",
                         "copied_tensors",
+                        "resumed_from_epoch",
                         "num_stages",
                     )
                 },
