@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("submit", "submit_text", "results", "metrics", "query", "plot", "validate", "open_store")
+_API = ("submit", "submit_text", "resume", "results", "metrics", "query", "plot", "validate", "open_store")
 
 __all__ = ["__version__", *_API]
 

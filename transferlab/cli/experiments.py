@@ -45,7 +45,7 @@ class ProgressPrinter:
         self.task_id: Any = None
 
     def on_created(self, experiment_id: int, trials: list) -> None:
-        self.console.print(f"experiment [bold]{experiment_id}[/]: {len(trials)} trials")
+        self.console.print(f"experiment [bold]{experiment_id}[/]: {len(trials)} trials to run")
         self.task_id = self.progress.add_task("starting Ray", total=len(trials))
         self.progress.start()
 
@@ -139,6 +139,40 @@ def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) 
     finally:
         printer.stop()
     return exp_id
+
+
+@click.command()
+@click.argument("experiment")
+@db_option
+@address_option
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results figure to this PNG.",
+)
+def resume(experiment: str, db: str | None, address: str | None, plot_path: str | None) -> None:
+    """Finish EXPERIMENT after a crash or Ctrl-C: rerun every trial that did not complete, fail or skip.
+
+    Completed trials are kept as they are; interrupted trials continue from their last finished epoch.
+    """
+    from transferlab.service.api import open_store
+    from transferlab.service.api import resume as resume_experiment
+
+    store = open_store(db, create=False)
+    try:
+        metric = store.find_experiment(experiment).primary_metric
+    finally:
+        store.close()
+    printer = ProgressPrinter(metric)
+    try:
+        exp_id = resume_experiment(
+            experiment, db=db, address=address, on_event=printer.on_event, on_created=printer.on_created
+        )
+    finally:
+        printer.stop()
+    _summarise(exp_id, db, plot_path)
 
 
 def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:

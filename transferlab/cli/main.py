@@ -58,18 +58,20 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from transferlab.cli import db, experiments, plugins, reports
+    from transferlab.cli import db, experiments, inspect_cmd, plugins, reports
 
     for command in (
         experiments.demo,
         experiments.validate,
         experiments.submit,
+        experiments.resume,
         reports.status,
         reports.results,
         reports.plot,
         reports.query,
         plugins.plugins,
         db.db,
+        inspect_cmd.inspect_command,
     ):
         cli.add_command(command)
 

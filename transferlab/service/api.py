@@ -62,6 +62,24 @@ def submit(
         store.close()
 
 
+def resume(
+    experiment: str | int,
+    *,
+    db: str | None = None,
+    address: str | None = None,
+    on_event: Callable[..., None] | None = None,
+    on_created: Callable[..., None] | None = None,
+) -> int:
+    """Finish an interrupted experiment (see ``transferlab.service.driver.resume_study``)."""
+    from transferlab.service.driver import resume_study
+
+    store = open_store(db, create=False)
+    try:
+        return resume_study(experiment, store, address=address, on_event=on_event, on_created=on_created)
+    finally:
+        store.close()
+
+
 def submit_text(text: str, source: str = "<spec>", **kwargs: Any) -> int:
     """Like ``submit`` for spec text instead of a file."""
     return submit(validate_spec_text(text, source), **kwargs)

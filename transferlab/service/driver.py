@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,17 +375,69 @@ def run_study(
     check_resources(vspec)
     exp_id, configs, trial_ids = _record(vspec, store, trials, storage)
     run = StudyRun(store, exp_id, trial_ids, on_event=on_event)
+    _execute(run, vspec, trials, configs, on_created)
+    return exp_id
+
+
+FINAL_STATUSES = ("completed", "failed", "skipped")
+
+
+def resume_study(
+    experiment: str | int,
+    store: Any,
+    *,
+    address: str | None = None,
+    on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
+    on_created: Callable[[int, list[PlannedTrial]], None] | None = None,
+) -> int:
+    """Finish an interrupted experiment: run every trial that is not completed, failed or skipped.
+
+    Completed trials are untouched and never run again; trials left ``running`` by a driver that died,
+    ``pending`` or ``cancelled`` run again (continuing from their last saved epoch when there is one),
+    with the configs stored when the experiment was submitted.
+    """
+    from transferlab.service.spec import validate_spec_text
+
+    info = store.find_experiment(experiment)
+    vspec = validate_spec_text(info.spec_text, f"experiment {info.id} ({info.name})")
+    trials = plan_trials(vspec)
+    stored = {t.key: t for t in store.trials(info.id)}
+    if set(stored) != {t.key for t in trials}:
+        raise DriverError(
+            f"experiment {info.id}'s stored trials no longer match its spec's plan under this transferlab "
+            f"({len(stored)} stored, {len(trials)} planned); it cannot be resumed with this version"
+        )
+    ensure_ray(address)
+    check_resources(vspec)
+    run = StudyRun(store, info.id, {k: t.id for k, t in stored.items()}, on_event=on_event)
+    run.status = {k: t.status for k, t in stored.items() if t.status in FINAL_STATUSES}
+    _execute(run, vspec, trials, {k: dict(t.config) for k, t in stored.items()}, on_created)
+    return info.id
+
+
+def _execute(
+    run: StudyRun,
+    vspec: ValidatedSpec,
+    trials: list[PlannedTrial],
+    configs: dict[str, dict[str, Any]],
+    on_created: Callable[[int, list[PlannedTrial]], None] | None,
+) -> None:
+    """Run the trials without a final status, level by level, and set the experiment's status."""
+    store, exp_id = run.store, run.experiment_id
     try:
         if on_created:
-            on_created(exp_id, trials)
+            on_created(exp_id, [t for t in trials if t.key not in run.status])
         store.set_experiment_status(exp_id, "running", started=True)
         with _sigterm_as_interrupt():
             for level in sorted({t.level for t in trials}):
-                ready = _ready_trials(run, [t for t in trials if t.level == level], configs)
+                todo = [t for t in trials if t.level == level and t.key not in run.status]
+                ready = _ready_trials(run, todo, configs)
                 if not ready:
                     continue
                 tune_folder = Path(configs[ready[0].key]["tune_folder"])
-                run_level(run, vspec, ready, [configs[t.key] for t in ready], tune_folder, f"level{level}")
+                # A fresh Tune experiment name per attempt: a resumed study never reuses a dead one's files.
+                name = f"level{level}-{time.strftime('%Y%m%d-%H%M%S')}"
+                run_level(run, vspec, ready, [configs[t.key] for t in ready], tune_folder, name)
                 # Tune answers Ctrl-C by stopping its trials and returning normally; notice that here.
                 unfinished = [t.key for t in ready if run.status.get(t.key) not in ("completed", "failed")]
                 if unfinished:
@@ -396,13 +449,13 @@ def run_study(
         store.set_experiment_status(exp_id, "cancelled", finished=True)
         if isinstance(exc, (KeyboardInterrupt, StudyInterrupted)):
             raise StudyInterrupted(
-                f"experiment {exp_id} was interrupted: {cancelled} unfinished trials were marked cancelled"
+                f"experiment {exp_id} was interrupted: {cancelled} unfinished trials were marked cancelled; "
+                f"`transferlab resume {exp_id}` finishes it"
             ) from None
         raise
     _cancel_unfinished(run, trials)
     done = all(run.status.get(t.key) == "completed" for t in trials)
     store.set_experiment_status(exp_id, "completed" if done else "failed", finished=True)
-    return exp_id
 
 
 class StudyInterrupted(DriverError):
