@@ -6,6 +6,7 @@ a 0-4 / 5-9 transfer study baseA fails and the trials copying it must be skipped
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,23 @@ def nan_digits(*, classes: list[int] | None = None, image_size: int = 16) -> Any
     task = TASKS.get("digits")(classes=classes, image_size=image_size)
     if classes is not None and 0 in classes:
         task.loss = lambda outputs, batch: outputs["logits"].sum() * torch.tensor(float("nan"))
+    return task
+
+
+def flaky_digits(*, classes: list[int] | None = None, image_size: int = 16, marker: str = "") -> Any:
+    """Digits whose loss raises once, in epoch 2, until the file ``marker`` exists (transient faults)."""
+    task = TASKS.get("digits")(classes=classes, image_size=image_size)
+    original, calls = task.loss, {"n": 0}
+    steps_per_epoch = -(-len(task.dataset("train")) // 64)
+
+    def loss(outputs: dict, batch: dict) -> torch.Tensor:
+        calls["n"] += torch.is_grad_enabled()
+        if marker and calls["n"] == steps_per_epoch + 1 and not Path(marker).exists():
+            Path(marker).write_text("failed once")
+            raise RuntimeError("transient failure (test)")
+        return original(outputs, batch)
+
+    task.loss = loss
     return task
 
 
