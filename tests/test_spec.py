@@ -86,7 +86,7 @@ BAD_EDITS = [
     ),
     pytest.param(
         {"head": "clasify"},
-        ["head.name: head 'clasify' is not registered; did you mean 'classify'?"],
+        ["head.name: head 'clasify' is not registered; did you mean 'classify'"],
         id="unknown-head",
     ),
     pytest.param(

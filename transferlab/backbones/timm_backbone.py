@@ -2,12 +2,14 @@
 
 timm's feature extractor runs its (flattened) child modules in order and returns the outputs of the
 modules named in its ``feature_info``; we group those children into one stage per returned feature,
-so stage k ends exactly where timm's k-th feature is taken.
+so stage k ends exactly where timm's k-th feature is taken. The named aliases (``resnet50``,
+``vgg16``, ...) in ``timm_zoo`` are this same builder with friendlier stage names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
@@ -21,6 +23,28 @@ def timm_backbone(
     *, model_name: str, in_channels: int = 3, pretrained: bool = False, **kwargs: Any
 ) -> Backbone:
     """Any timm model name, one stage per feature level (use `timm/NAME` as the backbone name)."""
+    return build_timm_backbone(model_name, in_channels=in_channels, pretrained=pretrained, **kwargs)
+
+
+def build_timm_backbone(
+    model_name: str,
+    *,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    stage_names: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> Backbone:
+    """A ``Backbone`` over timm model ``model_name``, one stage per timm feature level.
+
+    Args:
+        model_name: A timm model name.
+        in_channels: Input channels (timm's ``in_chans``; pretrained first convs are adapted by timm).
+        pretrained: Load timm's pretrained weights (from a local cache when offline).
+        stage_names: Names for the stages; default timm's feature module names.
+        **kwargs: Passed to ``timm.create_model`` (``None`` values mean "timm's default").
+
+    The backbone's ``reference`` builds the same timm model with its original classifier.
+    """
     import timm
     from timm.models._features import FeatureDictNet
 
@@ -49,11 +73,23 @@ def timm_backbone(
         raise ValueError(
             f"timm model '{model_name}': found {len(stages)} stages for {len(info)} feature levels"
         )
+    names = list(stage_names) if stage_names is not None else _timm_stage_names(info.module_name())
+    if len(names) != len(stages):
+        raise ValueError(f"timm model '{model_name}' has {len(stages)} stages, {len(names)} names given")
     infos = [
-        StageInfo(str(name).replace(".", "_"), int(ch), int(red))
-        for name, ch, red in zip(info.module_name(), info.channels(), info.reduction(), strict=True)
+        StageInfo(name, int(ch), int(red))
+        for name, ch, red in zip(names, info.channels(), info.reduction(), strict=True)
     ]
-    return Backbone(stages, infos, in_channels)
+    backbone = Backbone(stages, infos, in_channels)
+    # A partial, not a lambda: the backbone stays picklable.
+    backbone.reference = functools.partial(
+        timm.create_model, model_name, pretrained=False, in_chans=in_channels, **kwargs
+    )
+    return backbone
+
+
+def _timm_stage_names(module_names: Iterable[str]) -> list[str]:
+    return [str(name).replace(".", "_") for name in module_names]
 
 
 def _group(modules: Iterable[tuple[Any, nn.Module]], cut_after: set[Any]) -> list[nn.Module]:

@@ -67,7 +67,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-COLUMNS = ("stage", "output", "stride", "RF", "params", "MACs", "FLOPs", "memory")
+COLUMNS = {"stage": 0, "output": 0, "stride": 6, "RF": 5, "params": 7, "MACs": 7, "FLOPs": 7, "memory": 8}
 
 
 def print_report(report: Any) -> None:
@@ -82,9 +82,11 @@ def print_report(report: Any) -> None:
         "memory: the output of one float32 sample",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
+        padding=0,
     )
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("stage", "output") else "right", no_wrap=True)
+    for col, width in COLUMNS.items():
+        # Widths leave two spaces before each number and keep the table within 80 columns.
+        table.add_column(col, justify="right" if width else "left", no_wrap=True, min_width=width)
     for i, part in enumerate(report.stages):
         table.add_row(*_part_cells(part), end_section=i == len(report.stages) - 1)
     table.add_row(*_total_cells("total (stages)", report.total), style="bold", end_section=True)
@@ -121,7 +123,7 @@ def _receptive_field(part: Any) -> str:
         return "global" if part.global_context else ("" if part.stride is None else "?")
     sizes = set(part.receptive_field)
     text = str(part.receptive_field[0]) if len(sizes) == 1 else "x".join(map(str, part.receptive_field))
-    return f"{text}+global" if part.global_context else text
+    return f"{text}*" if part.global_context else text  # * explained in the report's notes
 
 
 def si(value: float, unit: str = "") -> str:

@@ -16,6 +16,7 @@ values (``.item()``, ``.tolist()``) is rebuilt and run on the CPU instead.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -169,13 +170,19 @@ def inspect_backbone(
         InspectError: Bad shape or options, or an input too small for the backbone.
     """
     shape = parse_input_shape(input_shape)
-    opts = {**dict(options or {}), "pretrained": False} if _accepts_pretrained(name) else dict(options or {})
+    options = dict(options or {})
+    # Never any weights: they change no count, and loading them could need the network.
+    build_options = {**options, "pretrained": False} if _accepts_pretrained(name) else options
 
     def build_and_measure() -> ComplexityReport:
-        backbone = _build(name, opts, shape)
-        return measure_backbone(backbone, shape, name=name, options=dict(options or {}))
+        backbone = _build(name, build_options, shape)
+        return measure_backbone(backbone, shape, name=name, options=options)
 
-    return _on_meta_else_cpu(build_and_measure)
+    report = _on_meta_else_cpu(build_and_measure)
+    if options.get("pretrained"):
+        note = "pretrained weights were not loaded: they change no count"
+        report = dataclasses.replace(report, notes=(*report.notes, note))
+    return report
 
 
 def measure_backbone(
@@ -192,37 +199,18 @@ def measure_backbone(
     shape = tuple(int(s) for s in input_shape)
     if backbone.in_channels != shape[0]:
         raise InspectError(
-            f"backbone '{name}' was built for {backbone.in_channels} input channels "
-            f"but the input is {_show(shape)}"
+            f"backbone '{name}' was built for {backbone.in_channels} input channels but the input is "
+            f"{_show(shape)}; give --input {backbone.in_channels}x{_show(shape[1:])} or drop in_channels"
         )
     backbone = backbone.eval()
     device = next((p.device for p in backbone.parameters()), None)
-    x = torch.zeros((1, *shape), device=device)
-    tracker = ReceptiveFieldTracker(spatial_dims=len(shape) - 1)
-    tracker.mark_input(x)
-    stages, notes = [], []
-    with torch.no_grad(), tracker:
-        for index, (stage, info) in enumerate(zip(backbone.stages, backbone.feature_info, strict=True)):
-            with FlopCounterMode(display=False) as counter:
-                y = _run_stage(stage, x, name, shape, index, info.name, len(backbone.stages))
-            geometry = tracker.geometry(y)
-            rf = geometry.receptive_field if geometry is not None else None
-            stages.append(
-                PartComplexity(
-                    name=info.name,
-                    output_shape=tuple(y.shape[1:]),
-                    channels=int(y.shape[1]),
-                    stride=info.reduction,
-                    receptive_field=rf,
-                    global_context=geometry is not None
-                    and (geometry.global_context or geometry.kind == GLOBAL),
-                    params=_count_params(stage),
-                    macs=counter.get_total_flops() // FLOPS_PER_MAC,
-                    activation_bytes=y.numel() * y.element_size(),
-                )
-            )
-            notes += _cross_check(info, y, geometry)
-            x = y
+    stages, notes = _measure_stages(backbone, torch.zeros((1, *shape), device=device), name)
+    if any(s.global_context and s.receptive_field is not None for s in stages):
+        notes.append(
+            "global_context (a receptive field shown as 'N*'): the stage also scales by globally pooled "
+            "values (squeeze-and-excitation), so every output sees the whole input; N is the field of "
+            "its convolution path"
+        )
     total = Totals(
         params=_count_params(backbone),
         macs=sum(s.macs for s in stages),
@@ -232,6 +220,36 @@ def measure_backbone(
     return ComplexityReport(
         name, dict(options or {}), shape, tuple(stages), total, head, published, tuple(notes + ref_notes)
     )
+
+
+def _measure_stages(backbone: Backbone, x: torch.Tensor, name: str) -> tuple[list[PartComplexity], list[str]]:
+    """Run the stages one by one on ``x`` (one sample), counting each and following receptive fields."""
+    shape, n = tuple(x.shape[1:]), len(backbone.stages)
+    tracker = ReceptiveFieldTracker(spatial_dims=x.dim() - 2)
+    tracker.mark_input(x)
+    stages, notes = [], []
+    with torch.no_grad(), tracker:
+        for index, (stage, info) in enumerate(zip(backbone.stages, backbone.feature_info, strict=True)):
+            with FlopCounterMode(display=False) as counter:
+                y = _run_stage(stage, x, name, shape, index, info.name, n)
+            geometry = tracker.geometry(y)
+            stages.append(
+                PartComplexity(
+                    name=info.name,
+                    output_shape=tuple(y.shape[1:]),
+                    channels=int(y.shape[1]),
+                    stride=info.reduction,
+                    receptive_field=None if geometry is None else geometry.receptive_field,
+                    global_context=geometry is not None
+                    and (geometry.global_context or geometry.kind == GLOBAL),
+                    params=_count_params(stage),
+                    macs=counter.get_total_flops() // FLOPS_PER_MAC,
+                    activation_bytes=y.numel() * y.element_size(),
+                )
+            )
+            notes += _cross_check(info, y, geometry)
+            x = y
+    return stages, notes
 
 
 def count_model(model: nn.Module, input_shape: Sequence[int]) -> tuple[Totals, torch.Tensor]:
@@ -254,21 +272,12 @@ def _measure_reference(
     try:
         published, output = _on_meta_else_cpu(lambda: count_model(reference(), shape))
     except (RuntimeError, ValueError) as exc:
-        return (
-            None,
-            None,
-            [f"the published reference does not run on a {_show(shape)} input: {_first_line(exc)}"],
-        )
+        note = f"the published reference does not run on a {_show(shape)} input: {_first_line(exc)}"
+        return None, None, [note]
     params, macs = published.params - total.params, published.macs - total.macs
     if params < 0 or macs < 0:
-        return (
-            None,
-            published,
-            [
-                "the published reference is smaller than these stages (options changed the architecture?), "
-                "so there is no head row"
-            ],
-        )
+        note = "the published reference is smaller than these stages (did options change them?): no head row"
+        return None, published, [note]
     head = PartComplexity(
         name=HEAD_NAME,
         output_shape=tuple(output.shape[1:]),
@@ -330,13 +339,14 @@ def _build(name: str, options: dict[str, Any], shape: tuple[int, ...]) -> Backbo
     from transferlab.engine.assembly import build_backbone
     from transferlab.tasks.base import TargetSpec
 
-    target = TargetSpec(kind="image", in_channels=shape[0], image_size=tuple(shape[1:]))  # type: ignore[arg-type]
+    target = TargetSpec(kind="image", in_channels=shape[0], image_size=(shape[1], shape[2]))
     try:
         return build_backbone(name, options, target)
     except (ValueError, TypeError) as exc:
         if _is_meta_limitation(exc):
             raise
-        raise InspectError(f"cannot build backbone '{name}' with options {options}: {exc}") from exc
+        message = str(exc)
+        raise InspectError(message if f"'{name}'" in message else f"backbone '{name}': {message}") from exc
 
 
 def _accepts_pretrained(name: str) -> bool:

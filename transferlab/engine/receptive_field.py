@@ -4,8 +4,8 @@
 runs and gives each tensor that derives from the input a ``Geometry``: per spatial axis, the receptive
 field (input pixels one output pixel depends on), the jump (input pixels between neighbouring outputs,
 i.e. the stride so far) and the input coordinate of output 0's receptive-field centre. Windowed
-operations (convolution, max/avg pooling, divisible adaptive pooling) and padding update the geometry
-with the usual recurrence (Dumoulin & Visin 2016; Araujo et al., Distill 2019):
+operations (convolution, max/avg pooling, divisible adaptive pooling), padding and strided slicing
+update the geometry with the usual recurrence (Dumoulin & Visin 2016; Araujo et al., Distill 2019):
 
     k_eff = dilation * (kernel - 1) + 1
     rf'   = rf + (k_eff - 1) * jump
@@ -125,7 +125,7 @@ class ReceptiveFieldTracker(TorchDispatchMode):
     ) -> Geometry:
         first = named.get("input", named.get("self"))
         source = self._geometry.get(first) if isinstance(first, torch.Tensor) else None
-        if source is not None and source.kind == LOCAL and first is not None:
+        if source is not None and source.kind == LOCAL:
             windowed = self._windowed(func, named, source, first, out)
             if windowed is not None:
                 return windowed
@@ -150,6 +150,8 @@ class ReceptiveFieldTracker(TorchDispatchMode):
                 _per_axis(named["padding"], nd, 0),
                 _per_axis(named.get("dilation"), nd, 1),
             )
+        if {"dim", "start", "end", "step"} <= named.keys():  # x[:, :, ::2]: a strided 1 x 1 window
+            return self._slice(named, source, first)
         if "adaptive" in func.name() and "output_size" in named:
             return self._adaptive(source, first, out)
         if "pad" in named or ("padding" in named and "stride" not in named):
@@ -163,6 +165,19 @@ class ReceptiveFieldTracker(TorchDispatchMode):
             )
             return replace(source, axes=axes)
         return None
+
+    def _slice(self, named: dict[str, Any], source: Geometry, first: torch.Tensor) -> Geometry | None:
+        """Slicing a spatial axis (option-A shortcuts subsample with ``x[..., ::2, ::2]``)."""
+        axis = named["dim"] % first.dim() - (first.dim() - self.nd)
+        if axis < 0:
+            return None  # a channel or batch slice: the merge rule keeps the geometry
+        size = first.shape[named["dim"]]
+        begin = named["start"] or 0
+        begin = min(max(begin + size if begin < 0 else begin, 0), size)
+        axes = list(source.axes)
+        a = axes[axis]
+        axes[axis] = Axis(a.rf, a.jump * named["step"], a.start + begin * a.jump)
+        return replace(source, axes=tuple(axes))
 
     def _adaptive(self, source: Geometry, first: torch.Tensor, out: torch.Tensor) -> Geometry | None:
         """Adaptive pooling: global to 1 x 1, a plain window when the sizes divide, else unknown."""
