@@ -115,3 +115,58 @@ def test_read_state_dict_refuses_non_tensor_content(tmp_path: Path) -> None:
     torch.save({"a": 1}, path)
     with pytest.raises(WeightsError, match="does not hold a state dict of tensors"):
         read_state_dict(path)
+
+
+def timm_state(seed: int) -> dict[str, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(seed)
+    return {
+        k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()
+    }
+
+
+def test_timm_backbone_loads_the_original_models_weights_file(tmp_path: Path) -> None:
+    state = timm_state(1)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(state, str(path))
+    for name in ("timm/resnet18", "resnet18"):
+        backbone = build_backbone(name, {"weights": str(path)}, TARGET)
+        assert torch.equal(backbone.stages[0][0].weight, state["conv1.weight"]), name
+        assert torch.equal(backbone.stages[4][-1][-1].conv2.weight, state["layer4.1.conv2.weight"]), name
+    grey = build_backbone(
+        "resnet18", {"weights": str(path)}, TargetSpec(kind="label", num_classes=2, in_channels=1)
+    )
+    assert torch.allclose(grey.stages[0][0].weight, state["conv1.weight"].sum(1, keepdim=True))  # adapted
+
+
+def test_timm_pretrained_true_uses_the_cached_file(empty_caches: Path) -> None:
+    from timm.models import get_pretrained_cfg
+
+    state = timm_state(2)
+    cached = empty_caches / "torch" / "checkpoints" / Path(get_pretrained_cfg("resnet18").url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    backbone = build_backbone("resnet18", {"pretrained": True}, TARGET)
+    assert torch.equal(backbone.stages[0][0].weight, state["conv1.weight"])
+    assert backbone.data_config["mean"] == (0.485, 0.456, 0.406)
+    with pytest.raises(WeightsError, match="never downloads"):
+        build_backbone("vgg11", {"pretrained": True}, TARGET)
+
+
+def test_pretrained_weights_set_the_tasks_normalisation_and_size(tmp_path: Path) -> None:
+    from transferlab.service.spec import validate_spec_text
+
+    path = tmp_path / "resnet18.safetensors"
+    save_file(timm_state(3), str(path))
+    text = f"""
+name: pre
+study: single
+backbone: {{name: resnet18, weights: "{path}"}}
+task: {{name: digits, channels: 3}}
+"""
+    vspec = validate_spec_text(text)
+    assert vspec.task_options["mean"] == [0.485, 0.456, 0.406] and vspec.task_options["image_size"] == 224
+    vspec = validate_spec_text(text.replace("channels: 3}", "channels: 1, image_size: 32}"))
+    assert vspec.task_options["image_size"] == 32  # the spec's own setting wins
+    assert vspec.task_options["mean"] == [pytest.approx((0.485 + 0.456 + 0.406) / 3)]

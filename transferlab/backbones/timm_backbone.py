@@ -20,10 +20,17 @@ from transferlab.registry import BACKBONES
 
 @BACKBONES.register("timm")
 def timm_backbone(
-    *, model_name: str, in_channels: int = 3, pretrained: bool = False, **kwargs: Any
+    *,
+    model_name: str,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    weights: str | None = None,
+    **kwargs: Any,
 ) -> Backbone:
     """Any timm model name, one stage per feature level (use `timm/NAME` as the backbone name)."""
-    return build_timm_backbone(model_name, in_channels=in_channels, pretrained=pretrained, **kwargs)
+    return build_timm_backbone(
+        model_name, in_channels=in_channels, pretrained=pretrained, weights=weights, **kwargs
+    )
 
 
 def build_timm_backbone(
@@ -31,6 +38,7 @@ def build_timm_backbone(
     *,
     in_channels: int = 3,
     pretrained: bool = False,
+    weights: str | None = None,
     stage_names: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> Backbone:
@@ -39,7 +47,9 @@ def build_timm_backbone(
     Args:
         model_name: A timm model name.
         in_channels: Input channels (timm's ``in_chans``; pretrained first convs are adapted by timm).
-        pretrained: Load timm's pretrained weights (from a local cache when offline).
+        pretrained: Load timm's pretrained weights from a cache already on this machine (never a
+            download); the error says where it looked when they are not there.
+        weights: A weights file of the original timm model (safetensors, or weights-only PyTorch).
         stage_names: Names for the stages; default timm's feature module names.
         **kwargs: Passed to ``timm.create_model`` (``None`` values mean "timm's default").
 
@@ -54,10 +64,16 @@ def build_timm_backbone(
         close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ValueError(f"timm has no model '{model_name}'{hint}")
+    from transferlab.backbones.weights import pretrained_file
+
     # timm treats None as "use the default"; a YAML null means the same here.
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    file = pretrained_file(model_name, weights, pretrained)
+    # timm loads a local file named in the pretrained config (weights_only for PyTorch files) and maps
+    # the original model's keys onto the feature extractor, adapting the first conv to in_channels.
+    overlay = {"pretrained_cfg_overlay": {"file": str(file)}} if file is not None else {}
     model = timm.create_model(
-        model_name, features_only=True, pretrained=pretrained, in_chans=in_channels, **kwargs
+        model_name, features_only=True, pretrained=file is not None, in_chans=in_channels, **kwargs, **overlay
     )
     if isinstance(model, FeatureDictNet):
         stages = _group(model.items(), set(model.return_layers))
@@ -81,6 +97,10 @@ def build_timm_backbone(
         for name, ch, red in zip(names, info.channels(), info.reduction(), strict=True)
     ]
     backbone = Backbone(stages, infos, in_channels)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    backbone.data_config = {
+        k: cfg[k] for k in ("mean", "std", "input_size") if cfg.get(k) is not None
+    } or None
     # A partial, not a lambda: the backbone stays picklable.
     backbone.reference = functools.partial(
         timm.create_model, model_name, pretrained=False, in_chans=in_channels, **kwargs

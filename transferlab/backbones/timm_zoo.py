@@ -61,11 +61,14 @@ TIMM_ALIASES: dict[str, TimmAlias] = {
 
 
 def _alias_factory(name: str, alias: TimmAlias) -> Callable[..., Backbone]:
-    def factory(*, in_channels: int = 3, pretrained: bool = False, **kwargs: Any) -> Backbone:
+    def factory(
+        *, in_channels: int = 3, pretrained: bool = False, weights: str | None = None, **kwargs: Any
+    ) -> Backbone:
         return build_timm_backbone(
             alias.model_name,
             in_channels=in_channels,
             pretrained=pretrained,
+            weights=weights,
             stage_names=alias.stage_names,
             **kwargs,
         )
