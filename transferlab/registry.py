@@ -211,7 +211,7 @@ HEADS: Registry[Callable[..., object]] = Registry(
 TASKS: Registry[Callable[..., object]] = Registry(
     "task",
     entry_point_group="transferlab.tasks",
-    builtin_modules=("transferlab.tasks.digits", "transferlab.tasks.shapes"),
+    builtin_modules=("transferlab.tasks.digits", "transferlab.tasks.shapes", "transferlab.tasks.folders"),
 )
 
 REGISTRIES: dict[str, Registry[Callable[..., object]]] = {

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from transferlab.cli.cluster import apply_shared_runs, shared_runs_option
 from transferlab.cli.options import console, db_option
 
 address_option = click.option(
@@ -70,7 +71,8 @@ class ProgressPrinter:
             self.console.print(f"[yellow]{kind}[/] {trial.key:<28} {data.get('error', '')}")
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.task_id is not None:  # never started when the study was refused before running
+            self.progress.stop()
 
 
 def _print_plan(vspec: Any, output: str) -> None:
@@ -152,7 +154,10 @@ def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) 
     default=None,
     help="Also write the results figure to this PNG.",
 )
-def resume(experiment: str, db: str | None, address: str | None, plot_path: str | None) -> None:
+@shared_runs_option
+def resume(
+    experiment: str, db: str | None, address: str | None, plot_path: str | None, shared_runs_dir: bool
+) -> None:
     """Finish EXPERIMENT after a crash or Ctrl-C: rerun every trial that did not complete, fail or skip.
 
     Completed trials are kept as they are; interrupted trials continue from their last finished epoch.
@@ -160,6 +165,7 @@ def resume(experiment: str, db: str | None, address: str | None, plot_path: str 
     from transferlab.service.api import open_store
     from transferlab.service.api import resume as resume_experiment
 
+    apply_shared_runs(shared_runs_dir)
     store = open_store(db, create=False)
     try:
         metric = store.find_experiment(experiment).primary_metric
@@ -211,13 +217,36 @@ def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:
     default=None,
     help="Also write the results figure to this PNG.",
 )
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Record the study and run it as a Ray Job on the cluster (--address, else the head "
+    "`transferlab cluster up` started); return at once. The job outlives this terminal.",
+)
+@shared_runs_option
 def submit(
-    spec: str, db: str | None, address: str | None, runs_dir: str | None, plot_path: str | None
+    spec: str,
+    db: str | None,
+    address: str | None,
+    runs_dir: str | None,
+    plot_path: str | None,
+    detach: bool,
+    shared_runs_dir: bool,
 ) -> None:
     """Validate SPEC, record it in the store and run every trial with Ray Tune."""
     from transferlab.service.api import validate as validate_spec
 
+    if detach and plot_path:
+        raise click.UsageError(
+            "--plot needs the finished study: after the job, `transferlab plot EXP -o FILE`"
+        )
     vspec = validate_spec(spec)
+    if detach:
+        from transferlab.cli.cluster import run_detached
+
+        run_detached(vspec, db, address, runs_dir, shared_runs_dir)
+        return
+    apply_shared_runs(shared_runs_dir)
     exp_id = _run(vspec, db, address, runs_dir)
     _summarise(exp_id, db, plot_path)
 

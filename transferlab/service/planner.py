@@ -64,7 +64,7 @@ class PlannedTrial:
             "copy_depth": self.copy_depth,
             "bn_policy": self.bn_policy,
             "fine_tune_lr_mult": spec.transfer.fine_tune_lr_mult if spec.transfer else 1.0,
-            "backbone": {"name": spec.backbone.name, "options": spec.backbone.options},
+            "backbone": {"name": spec.backbone.name, "options": vspec.backbone_options},
             "head": {"name": spec.head.name, "options": spec.head.options},
             "task": {"name": spec.task.name, "options": vspec.task_options},
             "train": spec.train.model_dump(),

@@ -230,6 +230,8 @@ class ValidatedSpec:
     higher_is_better: bool
     #: The task options trials use: the spec's, plus a pretrained backbone's normalisation and size.
     task_options: dict[str, Any] = field(default_factory=dict)
+    #: The backbone options trials use: the spec's, with file paths made absolute.
+    backbone_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:

@@ -7,6 +7,7 @@ option, class index and freeze depth is known to work before anything is written
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 from transferlab.registry import HEADS, TASKS, UnknownPluginError
@@ -70,6 +71,21 @@ def _check_depths(
             )
 
 
+PATH_OPTIONS = ("root", "weights")
+
+
+def absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """Options naming files or folders (``root``, ``weights``) made absolute against the working folder.
+
+    Trials run in other working folders (Ray changes into each trial's folder), so a relative path
+    in a spec means "relative to where `transferlab submit` ran" only if it is resolved here.
+    """
+    return {
+        k: str(Path(v).expanduser().resolve()) if k in PATH_OPTIONS and isinstance(v, str) else v
+        for k, v in options.items()
+    }
+
+
 def _check_forward(spec: Spec, target: Any, backbone: Any, head: Any, source: str) -> None:
     """Run one all-zero input of the task's size through backbone and head, as the trials will."""
     import torch
@@ -119,14 +135,16 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     if problems:
         raise SpecError(source, problems)
 
+    base_task_options = absolute_paths(spec.task.options)
+    backbone_options = absolute_paths(spec.backbone.options)
     try:
-        task = build_task(spec.task.name, spec.task.options)
+        task = build_task(spec.task.name, base_task_options)
     except (TypeError, ValueError) as exc:
         raise SpecError(source, [("task", str(exc))]) from None
     # Validation never loads or downloads weights: it only needs the stages' shapes.
     options = {
-        **spec.backbone.options,
-        **({"pretrained": False} if "pretrained" in spec.backbone.options else {}),
+        **backbone_options,
+        **({"pretrained": False} if "pretrained" in backbone_options else {}),
     }
     try:
         backbone = build_backbone(spec.backbone.name, options, task.target)
@@ -136,12 +154,12 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         head = build_head(spec.head.name, spec.head.options, backbone.feature_info, task.target)
     except (TypeError, ValueError, KeyError) as exc:
         raise SpecError(source, [("head", str(exc))]) from None
-    task_options = dict(spec.task.options)
-    if uses_pretrained_weights(spec.backbone.options):
+    task_options = dict(base_task_options)
+    if uses_pretrained_weights(backbone_options):
         task_options = pretrained_task_options(
             spec.task.name, task_options, task.target, backbone.data_config
         )
-        if task_options != spec.task.options:  # rebuild for the pretrained model's input
+        if task_options != base_task_options:  # rebuild for the pretrained model's input
             try:
                 task = build_task(spec.task.name, task_options)
             except (TypeError, ValueError) as exc:
@@ -199,4 +217,5 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         primary_metric=task.primary_metric,
         higher_is_better=task.higher_is_better,
         task_options=task_options,
+        backbone_options=backbone_options,
     )
