@@ -58,7 +58,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from transferlab.cli import db, experiments, inspect_cmd, plugins, reports
+    from transferlab.cli import cluster, db, experiments, inspect_cmd, plugins, reports
 
     for command in (
         experiments.demo,
@@ -69,6 +69,8 @@ def _register() -> None:
         reports.results,
         reports.plot,
         reports.query,
+        reports.logs,
+        cluster.cluster,
         plugins.plugins,
         db.db,
         inspect_cmd.inspect_command,

@@ -1,9 +1,12 @@
-"""``status``, ``results``, ``plot`` and ``query``: reading the store."""
+"""``status``, ``results``, ``plot``, ``query`` and ``logs``: reading the store (and the Ray jobs)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
+from transferlab.cli.cluster import cluster_address_option
 from transferlab.cli.options import console, db_option, output_option, print_frame
 
 
@@ -34,12 +37,44 @@ def show_results(experiment: str, db: str | None, output: str) -> None:
     )
 
 
+def find_jobs(db: str | None, address: str | None) -> Any | None:
+    """The Ray jobs of this store's experiments; ``None`` when no cluster answers.
+
+    ``status`` then shows the store's view alone (with a note when ADDR was given explicitly).
+    """
+    from transferlab.service.driver import DriverError
+    from transferlab.service.jobs import experiment_jobs
+
+    try:
+        return experiment_jobs(db, address)
+    except DriverError as exc:
+        if address:
+            click.echo(f"note: no Ray job states: {exc}", err=True)
+        return None
+
+
+def job_state(job: Any) -> str:
+    """``SUCCEEDED (job transferlab-tiny-3-a1b2c3)``, with Ray's message for a failed or stopped job."""
+    state = _short_state(job)
+    why = f": {job.message}" if state in ("FAILED", "STOPPED") and job.message else ""
+    return f"{state} (job {job.submission_id}){why}"
+
+
+def _short_state(job: Any | None) -> str:
+    return "" if job is None else getattr(job.status, "value", str(job.status))
+
+
 @click.command()
 @click.argument("experiment", required=False)
 @db_option
 @output_option
-def status(experiment: str | None, db: str | None, output: str) -> None:
-    """List experiments, or the trials of EXPERIMENT (an id or a name)."""
+@cluster_address_option
+def status(experiment: str | None, db: str | None, output: str, address: str | None) -> None:
+    """List experiments, or the trials of EXPERIMENT (an id or a name).
+
+    For an experiment run as a Ray Job (`submit --detach`) the job's state is shown too, when its
+    cluster answers (ADDR, else the local head).
+    """
     import pandas as pd
 
     from transferlab.service.api import open_store
@@ -47,6 +82,8 @@ def status(experiment: str | None, db: str | None, output: str) -> None:
     store = open_store(db, create=False)
     try:
         if experiment is None:
+            infos = store.experiments()
+            jobs = find_jobs(db, address) if infos else None
             rows = [
                 {
                     "id": e.id,
@@ -55,16 +92,17 @@ def status(experiment: str | None, db: str | None, output: str) -> None:
                     "status": e.status,
                     "trials": " ".join(f"{k}:{v}" for k, v in sorted(e.trial_counts.items())),
                     "created": e.created_at.strftime("%Y-%m-%d %H:%M"),
+                    "job": _short_state(jobs.latest(e.id)) if jobs else "",
                 }
-                for e in store.experiments()
+                for e in infos
             ]
-            print_frame(
-                pd.DataFrame(rows, columns=["id", "name", "study", "status", "trials", "created"]),
-                output,
-                title="experiments",
-            )
+            columns = ["id", "name", "study", "status", "trials", "created"]
+            if jobs and jobs.by_experiment:
+                columns.append("job")  # the state of its latest Ray job
+            print_frame(pd.DataFrame(rows, columns=columns), output, title="experiments")
             return
         info = store.find_experiment(experiment)
+        jobs = find_jobs(db, address)
         rows = [
             {
                 "id": t.id,
@@ -79,6 +117,9 @@ def status(experiment: str | None, db: str | None, output: str) -> None:
         ]
     finally:
         store.close()
+    job = jobs.latest(info.id) if jobs else None
+    if job is not None and output == "table":
+        click.echo(f"Ray job: {job_state(job)}")
     print_frame(pd.DataFrame(rows), output, title=f"{info.name} (experiment {info.id}): {info.status}")
 
 
@@ -117,3 +158,33 @@ def query(sql: str, db: str | None, output: str) -> None:
     from transferlab.service.api import query as run_query
 
     print_frame(run_query(sql, db=db), output)
+
+
+@click.command()
+@click.argument("experiment")
+@db_option
+@cluster_address_option
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+def logs(experiment: str, db: str | None, address: str | None, follow: bool) -> None:
+    """Print the driver output of EXPERIMENT's Ray Job (a study submitted with `submit --detach`)."""
+    from transferlab.service.api import open_store
+    from transferlab.service.jobs import experiment_jobs, job_logs
+
+    store = open_store(db, create=False)
+    try:
+        info = store.find_experiment(experiment)
+    finally:
+        store.close()
+    jobs = experiment_jobs(db, address)
+    job = jobs.latest(info.id)
+    if job is None:
+        raise click.ClickException(
+            f"experiment {info.id} ({info.name}) was not run as a Ray job on the cluster at "
+            f"{jobs.address}: no job there names it in its metadata. `transferlab submit --detach` runs a "
+            "study as a job; a study run in the foreground printed its output in its own terminal "
+            f"(`transferlab status {info.id}` shows its trials)"
+        )
+    if len(jobs.by_experiment[info.id]) > 1:
+        click.echo(f"(the latest of {len(jobs.by_experiment[info.id])} jobs: {job.submission_id})", err=True)
+    for chunk in job_logs(jobs, job.submission_id, follow=follow):
+        click.echo(chunk, nl=False)

@@ -25,6 +25,7 @@ from transferlab.service.spec import ValidatedSpec
 
 DEFAULT_RUNS_DIR = "transferlab-runs"
 SPLITS = ("train", "val", "test")
+SHARED_RUNS_ENV = "TRANSFERLAB_SHARED_RUNS"
 
 
 class DriverError(RuntimeError):
@@ -37,11 +38,21 @@ def runs_dir(path: str | os.PathLike[str] | None = None) -> Path:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the Ray cluster at ``address``, or start a local Ray sized to this machine."""
+    """Connect to the Ray cluster at ``address``, or start a local Ray sized to this machine.
+
+    An address is probed first (``probe_ray_address``), so a wrong host or port fails within seconds
+    instead of after Ray's minutes of retries.
+    """
+    from transferlab.service.jobs import probe_ray_address, use_ray_token
+
+    if address and address != "local":
+        use_ray_token()
     import ray
 
     if ray.is_initialized():
         return
+    if address:
+        probe_ray_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -50,8 +61,15 @@ def ensure_ray(address: str | None = None) -> None:
             # it to the CPUs and GPUs this process may use (cgroup and affinity limits included).
             ray.init(address="local", log_to_driver=False)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise DriverError(f"could not start or reach {where}: {exc}") from exc
+        if not address:
+            raise DriverError(f"could not start a local Ray instance: {exc}") from exc
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = (
+                "; if the cluster uses token authentication (`transferlab cluster up` does), make its "
+                "token available here as RAY_AUTH_TOKEN or in ~/.ray/auth_token"
+            )
+        raise DriverError(f"could not connect to the Ray cluster at {address}: {exc}{hint}") from exc
 
 
 def check_resources(vspec: ValidatedSpec) -> None:
@@ -67,6 +85,37 @@ def check_resources(vspec: ValidatedSpec) -> None:
                 f"resources.{name}: each trial asks for {asked:g} {key}s; the largest node of the Ray "
                 f"cluster has {largest:g}"
             )
+
+
+def check_cluster(store_url: Any, storage: Path, *, shared_runs: bool | None = None) -> None:
+    """Refuse a run on a multi-node Ray cluster that its store or its runs dir cannot serve.
+
+    Args:
+        store_url: the store's SQLAlchemy URL (``Store.engine.url``; ``store.database.resolve_url``).
+        storage: the runs dir (checkpoints and Tune files).
+        shared_runs: the user says every node sees ``storage``; ``None`` reads ``TRANSFERLAB_SHARED_RUNS``.
+    """
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes < 2:
+        return
+    if store_url.get_backend_name() == "sqlite":
+        raise DriverError(
+            f"this Ray cluster has {nodes} nodes but the store is a SQLite file "
+            f"({store_url.render_as_string(hide_password=True)}): a store shared by a cluster must be "
+            "PostgreSQL. A SQLite file lives on one machine (a job's driver or a reader on another node "
+            "cannot open it) and its locking does not work over a network file system; give "
+            "--db postgresql://user@host/dbname (a server every node can reach)"
+        )
+    if shared_runs is None:
+        shared_runs = os.environ.get(SHARED_RUNS_ENV, "").lower() in ("1", "true", "yes")
+    if not shared_runs:
+        raise DriverError(
+            f"this Ray cluster has {nodes} nodes: trials run on any of them and transfer trials read their "
+            f"base net's checkpoint, so every node must see the runs dir {storage} at that path (a network "
+            f"file system). Put --runs-dir on one and say so with --shared-runs-dir (or {SHARED_RUNS_ENV}=1)"
+        )
 
 
 def _dirname(text: str) -> str:
@@ -340,6 +389,16 @@ def _record(
     return exp_id, configs, store.add_trials(exp_id, records)
 
 
+def record_study(vspec: ValidatedSpec, store: Any, runs: Path | None = None) -> int:
+    """Record the experiment and its planned trials, all ``pending``, without running them.
+
+    ``resume_study`` (``transferlab resume EXP``) runs them later: ``submit --detach`` records the
+    study here, then submits that resume as a Ray Job.
+    """
+    exp_id, _, _ = _record(vspec, store, plan_trials(vspec), runs_dir(runs))
+    return exp_id
+
+
 def _ready_trials(run: StudyRun, trials: list[PlannedTrial], configs: dict[str, dict[str, Any]]) -> list:
     """Trials of one level whose base net completed; the others are marked skipped with the reason."""
     ready = []
@@ -363,16 +422,20 @@ def run_study(
     runs: Path | None = None,
     on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
     on_created: Callable[[int, list[PlannedTrial]], None] | None = None,
+    shared_runs: bool | None = None,
 ) -> int:
     """Record the experiment and its planned trials, run them through Ray Tune, and return its id.
 
-    Ctrl-C or SIGTERM stops the study: unfinished trials are marked ``cancelled`` (never
-    ``completed``), the experiment ``cancelled``, and ``StudyInterrupted`` is raised.
+    Nothing is written before Ray is reached and the cluster can serve the study (``check_resources``,
+    ``check_cluster``; ``shared_runs`` as there). Ctrl-C or SIGTERM stops the study: unfinished trials
+    are marked ``cancelled`` (never ``completed``), the experiment ``cancelled``, and
+    ``StudyInterrupted`` is raised.
     """
     trials = plan_trials(vspec)
     storage = runs_dir(runs)
     ensure_ray(address)
     check_resources(vspec)
+    check_cluster(store.engine.url, storage, shared_runs=shared_runs)
     exp_id, configs, trial_ids = _record(vspec, store, trials, storage)
     run = StudyRun(store, exp_id, trial_ids, on_event=on_event)
     _execute(run, vspec, trials, configs, on_created)
@@ -389,6 +452,7 @@ def resume_study(
     address: str | None = None,
     on_event: Callable[[str, PlannedTrial, dict[str, Any]], None] | None = None,
     on_created: Callable[[int, list[PlannedTrial]], None] | None = None,
+    shared_runs: bool | None = None,
 ) -> int:
     """Finish an interrupted experiment: run every trial that is not completed, failed or skipped.
 
@@ -409,6 +473,7 @@ def resume_study(
         )
     ensure_ray(address)
     check_resources(vspec)
+    check_cluster(store.engine.url, Path(info.storage_path or runs_dir()), shared_runs=shared_runs)
     run = StudyRun(store, info.id, {k: t.id for k, t in stored.items()}, on_event=on_event)
     run.status = {k: t.status for k, t in stored.items() if t.status in FINAL_STATUSES}
     _execute(run, vspec, trials, {k: dict(t.config) for k, t in stored.items()}, on_created)
