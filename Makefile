@@ -6,10 +6,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint install clean
 
-$(STAMP): pyproject.toml
+EXAMPLE := examples/plugin-example
+
+# The example plugin package is installed too: tests/test_plugin_example.py runs a study with it.
+$(STAMP): pyproject.toml $(EXAMPLE)/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e $(EXAMPLE)
 	touch $(STAMP)
 
 install: $(STAMP)

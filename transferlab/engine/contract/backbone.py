@@ -37,6 +37,8 @@ def check_backbone(
     frozen parameters and buffers (``bn: frozen``) after SGD steps, and that trainable stages learn.
     """
     factory, implied = backbone_factory(name)
+    if options and "in_channels" in options:
+        raise ValueError("the input shape sets in_channels; do not pass it as an option")
     checks = Checks()
     with isolated():
         backbone = _build(checks, name, factory, {**implied, **(options or {})}, input_shape[0])
@@ -60,7 +62,7 @@ def _build(
             )
         note.text = signature(factory)
     with checks.check(f"factory builds with in_channels={in_channels}", required=True) as note:
-        check_options("backbone", name, factory, options, reserved=("in_channels",))
+        check_options("backbone", name, factory, options)
         backbone = factory(**{"in_channels": in_channels, **options})
         note.text = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "default options"
     with checks.check("returns a transferlab Backbone", required=True) as note:
@@ -147,7 +149,8 @@ def _check_feature_shapes(
             lo <= d <= up for lo, d, up in zip(lower, size, upper, strict=True)
         )
         if not fits:
-            allowed = "x".join(map(str, upper)) if lower == upper else f"{lower} to {upper}"
+            low, high = "x".join(map(str, lower)), "x".join(map(str, upper))
+            allowed = high if lower == upper else f"{low} to {high}" if rf else f"at most {high}"
             problems.append(
                 f"stage {i} '{info.name}' gives {'x'.join(map(str, size))} from a "
                 f"{'x'.join(map(str, spatial))} input; reduction {info.reduction} allows {allowed}"

@@ -67,7 +67,7 @@ class Checks:
 
     def _fail(self, name: str, detail: str, required: bool) -> None:
         if required:
-            detail += " (the remaining checks need this one, so they did not run)"
+            detail += " (the checks that need this one did not run)"
         self.results.append(CheckResult(name, False, detail))
         if required:
             raise Stop

@@ -63,7 +63,7 @@ def check_task(name: str, *, options: Mapping[str, Any] | None = None) -> list[C
 
 
 def _build(checks: Checks, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> Task:
-    with checks.check("factory accepts classes=None", required=True) as note:
+    with checks.check("factory builds with classes=None", required=True) as note:
         if not accepts(factory, "classes"):
             raise ContractViolation(
                 f"{signature(factory)} has no 'classes' parameter; the planner passes the class subset "
