@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from transferlab.cli.options import console
+from transferlab.cli.options import console, parse_options
 
 
 @click.command("inspect")
@@ -47,24 +47,6 @@ def inspect_command(name: str, input_shape: str, options: Sequence[str], output:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         print_report(report)
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as a dict, each value parsed as YAML (``[8,16]``, ``true``, ``0.5``)."""
-    import yaml
-
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.ClickException(f"--option expects KEY=VALUE, e.g. widths=[8,16], got {pair!r}")
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise click.ClickException(
-                f"--option {key.strip()}: {value!r} is not a YAML value ({exc})"
-            ) from exc
-    return options
 
 
 COLUMNS = {"stage": 0, "output": 0, "stride": 6, "RF": 5, "params": 7, "MACs": 7, "FLOPs": 7, "memory": 8}

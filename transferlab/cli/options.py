@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -58,3 +59,21 @@ def frame_markdown(frame: Any) -> str:
     for row in frame.itertuples(index=False):
         lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``("widths=[8, 16]", "blocks=2")`` -> ``{"widths": [8, 16], "blocks": 2}`` (values read as YAML)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(
+                f"{pair!r}: the value is not YAML ({exc})", param_hint="--option"
+            ) from None
+    return options

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
-from transferlab.cli.options import console
+from transferlab.cli.options import console, parse_options
 
 KINDS = ("backbone", "head", "task")
 
@@ -65,24 +64,6 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     if len(shape) < 2 or min(shape) < 1:
         raise click.BadParameter(f"expected CxHxW with positive integers, such as 3x32x32; got {text!r}")
     return shape
-
-
-def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``("widths=[8, 16]", "blocks=2")`` -> ``{"widths": [8, 16], "blocks": 2}`` (values read as YAML)."""
-    import yaml
-
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise click.BadParameter(
-                f"{pair!r}: the value is not YAML ({exc})", param_hint="--option"
-            ) from None
-    return options
 
 
 @plugins.command("check")
