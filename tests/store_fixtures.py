@@ -1,4 +1,5 @@
-"""Store fixtures shared by test_store.py and test_report.py: a fresh store per test, SQLite and PostgreSQL.
+"""Store fixtures shared by the store, concurrency, security and report tests: a fresh store per test,
+SQLite and PostgreSQL.
 
 Test modules load them with ``pytest_plugins = ["store_fixtures"]`` (so pytest rewrites their asserts).
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-import textwrap
 import threading
 from datetime import timezone
 from pathlib import Path
@@ -12,20 +10,17 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from click.testing import CliRunner
 from sqlalchemy import Column, Integer, MetaData, inspect, text
-from store_helpers import make_experiment, trial
+from store_helpers import add_later_revision, create_at_first_revision, make_experiment, revision_of, trial
 
+from transferlab.cli.main import cli
 from transferlab.service.store import METRICS_FRAME_COLUMNS, Store, StoreError, database, run_readonly_query
 from transferlab.service.store.models import Base
 
 pytest_plugins = ["store_fixtures"]  # db_url, pg_url and store fixtures
 
 STORE_TABLES = {"alembic_version", "experiments", "trials", "metrics"}
-
-
-def revision_of(store: Store) -> str | None:
-    with store.engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
 
 
 def count_rows(store: Store, table: str) -> int:
@@ -251,6 +246,7 @@ def test_concurrent_sqlite_writers_wait_instead_of_failing(tmp_path: Path) -> No
 
 
 def test_readonly_query_reads_and_refuses_writes(store: Store, db_url: str) -> None:
+    # The full catalogue of refused statements is in test_security.py.
     exp_id = make_experiment(store)
     store.add_trials(exp_id, [trial("b", "baseB"), trial("t", "BnB", 1)])
     frame = run_readonly_query(
@@ -264,6 +260,13 @@ def test_readonly_query_reads_and_refuses_writes(store: Store, db_url: str) -> N
     }
     empty = run_readonly_query(db_url, "SELECT key FROM trials WHERE depth > 99")
     assert empty.empty and list(empty.columns) == ["key"]
+    joined = run_readonly_query(
+        db_url,
+        "WITH deep AS (SELECT id, key FROM trials WHERE depth > 0) "
+        "SELECT e.name, d.key FROM deep d JOIN trials t ON t.id = d.id "
+        "JOIN experiments e ON e.id = t.experiment_id ORDER BY d.key",
+    )
+    assert joined.to_dict("list") == {"name": ["demo"], "key": ["t"]}
     for statement in (
         "DELETE FROM trials",
         "UPDATE trials SET depth = 7",
@@ -275,38 +278,6 @@ def test_readonly_query_reads_and_refuses_writes(store: Store, db_url: str) -> N
     with pytest.raises(StoreError, match="^query failed: "):
         run_readonly_query(db_url, "SELECT * FROM no_such_table")
     assert count_rows(store, "trials") == 2 and {t.depth for t in store.trials(exp_id)} == {0, 1}
-
-
-@pytest.mark.postgres
-def test_postgres_readonly_query_cannot_switch_to_read_write(pg_url: str) -> None:
-    with Store.open(pg_url) as store:
-        store.add_trials(make_experiment(store), [trial("b", "baseB")])
-        for statement in ("SET TRANSACTION READ WRITE; DELETE FROM trials", "DELETE FROM trials; SELECT 1"):
-            with pytest.raises(StoreError, match="multiple commands"):
-                run_readonly_query(pg_url, statement)
-        with pytest.raises(StoreError, match="^query is read-only: "):
-            run_readonly_query(pg_url, "SET TRANSACTION READ WRITE")
-        with pytest.raises(StoreError, match="^query is read-only: "):
-            run_readonly_query(pg_url, "SELECT nextval('trials_id_seq')")
-        assert run_readonly_query(
-            pg_url, "SET default_transaction_read_only = off"
-        ).empty  # dies with its connection
-        with pytest.raises(StoreError, match="^query is read-only: "):
-            run_readonly_query(pg_url, "DELETE FROM trials")
-        assert count_rows(store, "trials") == 1
-
-
-def test_sqlite_readonly_query_cannot_write_other_files(tmp_path: Path) -> None:
-    Store.open(str(tmp_path / "s.db")).close()
-    for statement in (
-        f"ATTACH DATABASE '{tmp_path / 'other.db'}' AS other",
-        f"VACUUM INTO '{tmp_path / 'copy.db'}'",
-    ):
-        with pytest.raises(StoreError):
-            run_readonly_query(str(tmp_path / "s.db"), statement)
-    with pytest.raises(StoreError, match="one statement"):
-        run_readonly_query(str(tmp_path / "s.db"), "SELECT 1; DELETE FROM trials")
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("s.db")) == []
 
 
 def test_readonly_query_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
@@ -344,43 +315,50 @@ def test_tables_without_a_revision_are_refused(db_url: str) -> None:
         Store.open(db_url)
 
 
-def test_older_revision_asks_for_db_upgrade(
-    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    Store.open(db_url).close()  # at 0001_initial
-    newer = tmp_path / "migrations"
-    shutil.copytree(database.MIGRATIONS_DIR, newer, ignore=shutil.ignore_patterns("__pycache__"))
-    (newer / "versions" / "0002_test.py").write_text(
-        textwrap.dedent(
-            '''
-            """a later revision"""
-            from alembic import op
-
-            revision = "0002_test"
-            down_revision = "0001_initial"
-            branch_labels = None
-            depends_on = None
-
-
-            def upgrade():
-                op.create_index("ix_trials_seed", "trials", ["seed"])
-
-
-            def downgrade():
-                op.drop_index("ix_trials_seed", "trials")
-            '''
-        )
-    )
-    monkeypatch.setattr(database, "MIGRATIONS_DIR", newer)
-    masked = database.mask_url(database.resolve_url(db_url))
-    with pytest.raises(StoreError) as error:
-        Store.open(db_url)
-    assert "revision '0001_initial', older than" in str(error.value)
-    assert str(error.value).endswith(f"transferlab db upgrade --db {masked}")
-    with Store.open(db_url, upgrade=True) as store:
-        assert revision_of(store) == "0002_test"
+def assert_upgraded(url: str, revision: str) -> None:
+    """The store at ``url`` is at ``revision``, has the later revision's index, and kept its rows."""
+    with Store.open(url, create=False) as store:
+        assert revision_of(store) == revision
         with store.engine.connect() as connection:
             assert "ix_trials_seed" in {ix["name"] for ix in inspect(connection).get_indexes("trials")}
+        (info,) = store.experiments()
+        assert (info.name, info.n_trials) == ("old", 1)
+        assert store.metrics_frame(info.id)["value"].tolist() == [0.875]
+
+
+def test_older_revision_is_refused_with_the_command_and_upgraded(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = create_at_first_revision(db_url)
+    assert first == "0001_initial"
+    later = add_later_revision(tmp_path, monkeypatch)
+    masked = database.mask_url(database.resolve_url(db_url))
+    for create in (True, False):  # neither opening for writing nor for reading migrates silently
+        with pytest.raises(StoreError) as error:
+            Store.open(db_url, create=create)
+        assert f"revision '{first}', older than" in str(error.value)
+        assert str(error.value).endswith(f"upgrade it with: transferlab db upgrade --db {masked}")
+    with Store.open(db_url, upgrade=True) as store:
+        assert revision_of(store) == later
+        assert store.upgrade() is False  # already at head
+    assert_upgraded(db_url, later)
+
+
+def test_db_upgrade_command_upgrades_a_store_created_by_the_first_revision(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_at_first_revision(db_url)
+    later = add_later_revision(tmp_path, monkeypatch)
+    with pytest.raises(StoreError) as error:
+        Store.open(db_url)
+    # Run the very command the refusal names (the URL has no password, so it is the real one).
+    suggested = str(error.value).split("upgrade it with: ", 1)[1].split()
+    assert suggested[:3] == ["transferlab", "db", "upgrade"]
+    for _ in range(2):  # idempotent
+        result = CliRunner().invoke(cli, suggested[1:])
+        assert result.exit_code == 0, result.output
+        assert f"schema revision {later}" in result.output
+    assert_upgraded(db_url, later)
 
 
 def test_bad_urls_are_named_with_the_password_masked(tmp_path: Path) -> None:

@@ -8,6 +8,15 @@ store in its own PostgreSQL schema, name it in the URL's ``options`` (libpq's ``
 SQLite connections run in WAL mode with foreign keys on and a 30 s busy timeout, and transactions are
 begun explicitly (``BEGIN``; ``BEGIN IMMEDIATE`` for writes), so that migrations (DDL) are transactional
 too and concurrent writers wait for each other instead of failing.
+
+Schema migrations are serialised between processes: on SQLite by ``BEGIN IMMEDIATE`` (one writer at a
+time), on PostgreSQL by a transaction-level advisory lock taken before Alembic runs; either way the
+revision is read again once the lock is held, so several processes opening an empty database at once
+end with one schema, created once.
+
+Passwords never leave this module in text: :func:`mask_url` hides the URL's password (and a
+``password=`` query parameter), and every :class:`StoreError` built from a database message is passed
+through :func:`redact` first.
 """
 
 from __future__ import annotations
@@ -17,12 +26,13 @@ import re
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url
+from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -33,6 +43,10 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 VERSION_TABLE = "alembic_version"
 _IMMEDIATE_OPTION = "transferlab_sqlite_immediate"
+# pg_advisory_xact_lock(MIGRATION_LOCK_CLASS, hashtext(schema)): one migration at a time per schema.
+MIGRATION_LOCK_CLASS = 0x7472_616E  # "tran"
+# Query parameters that libpq (and so psycopg) reads as secrets.
+_SECRET_QUERY_KEYS = ("password", "sslpassword")
 
 
 class StoreError(Exception):
@@ -55,17 +69,56 @@ def resolve_url(url: str | None = None) -> URL:
     try:
         parsed = make_url(raw)
     except (ArgumentError, ValueError) as exc:  # a bad port is a ValueError
-        raise StoreError(f"malformed database URL {mask_url(raw)}: {exc}") from exc
+        reason = redact(str(exc), raw)
+        raise StoreError(f"malformed database URL {mask_url(raw)}: {reason}") from exc
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
 
 
 def mask_url(url: str | URL) -> str:
-    """The URL as text with its password replaced by ``***``."""
+    """The URL as text with its password, and any ``password=`` query parameter, replaced by ``***``."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+        text_url = url.render_as_string(hide_password=True)
+    else:
+        # Up to the last "@" of the authority: a password may hold characters a URL should escape.
+        text_url = re.sub(r"^([^:/?#]*://[^:/?#@]*:)[^?#]*@", r"\1***@", url)
+    keys = "|".join(_SECRET_QUERY_KEYS)
+    return re.sub(rf"([?&](?:{keys})=)[^&#]*", r"\1***", text_url, flags=re.IGNORECASE)
+
+
+def _secrets(url: str | URL) -> list[str]:
+    """The secret values a URL carries, as given and URL-encoded, longest first."""
+    values: list[str] = []
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except (ArgumentError, ValueError):  # unparsable: take what looks like a password
+            found = re.match(r"^[^:/?#]*://[^:/?#@]*:([^?#]*)@", url)
+            values = [found.group(1)] if found else []
+            url = None
+    if url is not None:
+        if url.password:
+            values.append(str(url.password))
+        for key in _SECRET_QUERY_KEYS:
+            value = url.query.get(key)
+            values.extend([value] if isinstance(value, str) else list(value or ()))
+    encoded = [f(v) for v in values for f in (quote, quote_plus)]
+    return sorted({v for v in values + encoded if v}, key=len, reverse=True)
+
+
+def redact(message: str, url: str | URL) -> str:
+    """``message`` with every secret of ``url`` (its password, plain or URL-encoded) replaced by ``***``.
+
+    A secret of fewer than four characters is replaced only where it stands alone, so that a one-letter
+    password does not garble the rest of the message.
+    """
+    for secret in _secrets(url):
+        if len(secret) >= 4:
+            message = message.replace(secret, "***")
+        else:
+            message = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", "***", message)
+    return message
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -112,10 +165,11 @@ def create_store_engine(url: URL, *, readonly: bool = False) -> Engine:
         engine = create_engine(url, **kwargs)
     except ImportError as exc:
         raise StoreError(
-            f"cannot open {masked}: driver missing ({exc}); for PostgreSQL install 'transferlab[postgres]'"
+            f"cannot open {masked}: driver missing ({redact(str(exc), url)}); "
+            "for PostgreSQL install 'transferlab[postgres]'"
         ) from exc
-    except ArgumentError as exc:
-        raise StoreError(f"cannot open {masked}: {exc}") from exc
+    except (ArgumentError, TypeError, ValueError) as exc:
+        raise StoreError(f"cannot open {masked}: {describe_error(exc, url)}") from exc
     if backend == "sqlite":
         _configure_sqlite(engine, readonly=readonly)
     return engine
@@ -136,6 +190,11 @@ def _configure_sqlite(engine: Engine, *, readonly: bool) -> None:
             cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
+    if readonly:
+        # Read-only connections run each statement in autocommit mode: the one statement a read-only
+        # query runs is consistent by itself, and the authorizer it runs under allows no BEGIN.
+        return
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         # A deferred transaction that reads and then writes fails at once with "database is locked"
@@ -150,10 +209,14 @@ def writer(engine: Engine) -> Engine:
     return engine.execution_options(**{_IMMEDIATE_OPTION: True})
 
 
-def describe_error(exc: BaseException) -> str:
-    """The database's own message for ``exc`` on one line (SQLAlchemy wraps it in ``orig``)."""
+def describe_error(exc: BaseException, url: str | URL | None = None) -> str:
+    """The database's own message for ``exc`` on one line (SQLAlchemy wraps it in ``orig``).
+
+    With ``url``, the URL's secrets are redacted from the message (see :func:`redact`).
+    """
     cause = getattr(exc, "orig", None) or exc
-    return " ".join(str(cause).split())
+    message = " ".join(str(cause).split())
+    return message if url is None else redact(message, url)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -186,12 +249,51 @@ def current_revision(connection: Connection) -> tuple[str | None, list[str]]:
     return revision, [t for t in tables if t != VERSION_TABLE]
 
 
-def upgrade_to_head(engine: Engine) -> None:
-    """Run ``alembic upgrade head`` in one transaction."""
+def _older_refused(revision: str | None, masked: str) -> StoreError:
+    return StoreError(
+        f"the store at {masked} is at schema revision {revision!r}, older than this "
+        f"transferlab's; upgrade it with: transferlab db upgrade --db {masked}"
+    )
+
+
+def upgrade_to_head(engine: Engine, masked: str | None = None, *, older: bool = True) -> bool:
+    """Run ``alembic upgrade head`` in one transaction, serialised against other processes.
+
+    On PostgreSQL a transaction-level advisory lock (per schema) is taken first; on SQLite the
+    transaction begins ``IMMEDIATE``, i.e. holding the database's write lock. The revision is then read
+    again under the lock, so a process that waited for another's migration finds the schema ready and
+    does nothing. Returns whether this call ran any migration.
+
+    Args:
+        engine: the store's engine.
+        masked: the URL for messages (default: the engine's, masked).
+        older: migrate a store at an older revision; when false only an empty database is migrated
+            (``Store.open`` without ``upgrade``) and an older one is refused.
+
+    Raises:
+        StoreError: the database holds other tables or an unknown revision (see ``check_revision``), or
+            an older revision and ``older`` is false.
+    """
     from alembic import command
 
+    masked = masked or mask_url(engine.url)
     with writer(engine).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text(
+                    "SELECT pg_advisory_xact_lock(CAST(:cls AS integer), "
+                    "hashtext(coalesce(current_schema(), '')))"
+                ),
+                {"cls": MIGRATION_LOCK_CLASS},
+            )
+        revision, tables = current_revision(connection)
+        state = check_revision(revision, tables, masked)
+        if state == "ready":
+            return False
+        if state == "older" and not older:
+            raise _older_refused(revision, masked)
         command.upgrade(alembic_config(connection), "head")
+        return True
 
 
 def check_revision(revision: str | None, tables: list[str], masked: str) -> str:
@@ -241,16 +343,13 @@ def connect_store(url: str | None, *, create: bool, upgrade: bool) -> tuple[Engi
         if state == "empty" and not create:
             raise StoreError(f"no transferlab store at {masked}: the database is empty")
         if state == "older" and not upgrade:
-            raise StoreError(
-                f"the store at {masked} is at schema revision {revision!r}, older than this "
-                f"transferlab's; upgrade it with: transferlab db upgrade --db {masked}"
-            )
+            raise _older_refused(revision, masked)
         if state != "ready":
-            upgrade_to_head(engine)
+            upgrade_to_head(engine, masked, older=upgrade)
         return engine, masked
     except SQLAlchemyError as exc:
         engine.dispose()
-        reason = describe_error(exc)
+        reason = describe_error(exc, parsed)
         if "no schema has been selected" in reason:
             reason += " (does the schema named by search_path in the URL's options exist?)"
         raise StoreError(f"cannot open transferlab store at {masked}: {reason}") from exc

@@ -70,9 +70,13 @@ class Store:
         engine, masked = database.connect_store(url, create=create, upgrade=upgrade)
         return cls(engine, masked)
 
-    def upgrade(self) -> None:
-        """Migrate the schema to the newest revision (``alembic upgrade head``); a no-op at head."""
-        database.upgrade_to_head(self.engine)
+    def upgrade(self) -> bool:
+        """Migrate the schema to the newest revision (``alembic upgrade head``); a no-op at head.
+
+        Safe to run from several processes at once (see :func:`database.upgrade_to_head`).
+        Returns whether a migration ran.
+        """
+        return database.upgrade_to_head(self.engine, self.url)
 
     def close(self) -> None:
         """Close every pooled connection."""
