@@ -38,14 +38,21 @@ TINY_TRANSFER = textwrap.dedent(
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Start one local Ray for the whole test session (2 CPUs, no dashboard)."""
+    """Start one local Ray for the whole test session (2 CPUs).
+
+    Its dashboard is on (bound to 127.0.0.1; Ray picks a free port) because the detached-study tests
+    submit Ray Jobs through it. ``address="local"`` starts a fresh instance even when a head that
+    `transferlab cluster up` or `ray start` started is running on this machine.
+    """
     import ray
 
     if not ray.is_initialized():
         pythonpath = os.pathsep.join(p for p in (PLUGINS, os.environ.get("PYTHONPATH")) if p)
         ray.init(
+            address="local",
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
         )

@@ -150,14 +150,22 @@ def plot(experiment: str, path: str, db: str | None) -> None:
 @click.argument("sql")
 @db_option
 @output_option
-def query(sql: str, db: str | None, output: str) -> None:
-    """Run read-only SQL against the store; the connection itself refuses writes.
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Stop the statement after this many seconds.",
+)
+def query(sql: str, db: str | None, output: str, timeout_s: float) -> None:
+    """Run one read-only SQL statement against the store; the connection itself refuses writes.
 
     Tables: experiments, trials, metrics (long format: trial_id, epoch, split, name, value).
     """
     from transferlab.service.api import query as run_query
 
-    print_frame(run_query(sql, db=db), output)
+    print_frame(run_query(sql, db=db, timeout_s=timeout_s), output)
 
 
 @click.command()

@@ -240,7 +240,13 @@ def load_training_state(path: Path) -> dict[str, Any] | None:
     """The saved training state, loaded with ``weights_only=True`` (no code is unpickled); None if absent."""
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise ValueError(
+            f"cannot resume from {path}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
+            "(delete the file to start the trial from scratch)"
+        ) from exc
 
 
 def fit(

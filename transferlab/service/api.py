@@ -105,11 +105,14 @@ def metrics(experiment: str | int, *, db: str | None = None) -> Any:
         store.close()
 
 
-def query(sql: str, *, db: str | None = None) -> Any:
-    """Run read-only SQL against the store; writes are refused by the database connection."""
+def query(sql: str, *, db: str | None = None, timeout_s: float = 30.0) -> Any:
+    """Run read-only SQL against the store; writes are refused by the database connection.
+
+    A statement running longer than ``timeout_s`` seconds is stopped.
+    """
     from transferlab.service.store import run_readonly_query
 
-    return run_readonly_query(db, sql)
+    return run_readonly_query(db, sql, timeout_s=timeout_s)
 
 
 def plot(experiment: str | int, path: str | Path, *, db: str | None = None) -> Path:

@@ -314,7 +314,7 @@ def cluster_status(address: str | None = None) -> ClusterStatus:
         for n in ray.nodes()
     ]
     return ClusterStatus(
-        address=ray.get_runtime_context().gcs_address or target,
+        address=_gcs_address() or target,
         dashboard=dashboard,
         authentication=authentication_mode(dashboard),
         nodes=nodes,
