@@ -10,7 +10,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("submit", "submit_text", "resume", "results", "metrics", "query", "plot", "validate", "open_store")
+_API = (
+    "submit",
+    "submit_detached",
+    "submit_text",
+    "resume",
+    "results",
+    "metrics",
+    "query",
+    "plot",
+    "validate",
+    "open_store",
+    "inspect",
+)
 
 __all__ = ["__version__", *_API]
 

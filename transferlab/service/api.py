@@ -43,8 +43,13 @@ def submit(
     runs_dir: str | Path | None = None,
     on_event: Callable[..., None] | None = None,
     on_created: Callable[..., None] | None = None,
+    shared_runs_dir: bool | None = None,
 ) -> int:
-    """Validate ``spec``, record it, run its trials with Ray Tune, and return the experiment id."""
+    """Validate ``spec``, record it, run its trials with Ray Tune, and return the experiment id.
+
+    ``shared_runs_dir`` says every node of a multi-node cluster sees ``runs_dir`` (default: the
+    ``TRANSFERLAB_SHARED_RUNS`` environment variable).
+    """
     from transferlab.service.driver import run_study
 
     vspec = validate(spec)
@@ -57,9 +62,24 @@ def submit(
             runs=Path(runs_dir) if runs_dir else None,
             on_event=on_event,
             on_created=on_created,
+            shared_runs=shared_runs_dir,
         )
     finally:
         store.close()
+
+
+def submit_detached(
+    spec: str | Path | ValidatedSpec,
+    *,
+    db: str | None = None,
+    address: str | None = None,
+    runs_dir: str | Path | None = None,
+    shared_runs_dir: bool | None = None,
+) -> Any:
+    """Record ``spec`` and run it as a Ray Job that outlives this process; returns the job's facts."""
+    from transferlab.service.jobs import submit_detached as submit_job
+
+    return submit_job(validate(spec), db=db, address=address, runs=runs_dir, shared_runs=shared_runs_dir)
 
 
 def resume(
@@ -69,13 +89,21 @@ def resume(
     address: str | None = None,
     on_event: Callable[..., None] | None = None,
     on_created: Callable[..., None] | None = None,
+    shared_runs_dir: bool | None = None,
 ) -> int:
     """Finish an interrupted experiment (see ``transferlab.service.driver.resume_study``)."""
     from transferlab.service.driver import resume_study
 
     store = open_store(db, create=False)
     try:
-        return resume_study(experiment, store, address=address, on_event=on_event, on_created=on_created)
+        return resume_study(
+            experiment,
+            store,
+            address=address,
+            on_event=on_event,
+            on_created=on_created,
+            shared_runs=shared_runs_dir,
+        )
     finally:
         store.close()
 
@@ -127,3 +155,10 @@ def plot(experiment: str | int, path: str | Path, *, db: str | None = None) -> P
         store.close()
     plot_transfer(frame, path, title=f"{info.name} (experiment {info.id})", metric_name=info.primary_metric)
     return Path(path)
+
+
+def inspect(name: str, input_shape: str = "3x224x224", options: dict[str, Any] | None = None) -> Any:
+    """Per-stage and total complexity of a backbone (``transferlab inspect``); see ``ComplexityReport``."""
+    from transferlab.engine.complexity import inspect_backbone
+
+    return inspect_backbone(name, input_shape, options)
