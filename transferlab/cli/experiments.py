@@ -17,6 +17,13 @@ address_option = click.option(
     metavar="ADDR",
     help="Ray cluster to run on (default: start a local Ray sized to this machine).",
 )
+plot_option = click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results figure to this PNG.",
+)
 runs_option = click.option(
     "--runs-dir",
     envvar="TRANSFERLAB_RUNS",
@@ -147,13 +154,7 @@ def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) 
 @click.argument("experiment")
 @db_option
 @address_option
-@click.option(
-    "--plot",
-    "plot_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the results figure to this PNG.",
-)
+@plot_option
 @shared_runs_option
 def resume(
     experiment: str, db: str | None, address: str | None, plot_path: str | None, shared_runs_dir: bool
@@ -210,13 +211,7 @@ def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:
 @db_option
 @address_option
 @runs_option
-@click.option(
-    "--plot",
-    "plot_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the results figure to this PNG.",
-)
+@plot_option
 @click.option(
     "--detach",
     is_flag=True,
