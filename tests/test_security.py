@@ -312,11 +312,16 @@ def test_postgres_query_side_effects_the_server_allows_are_rolled_back(pg_store:
     assert run_readonly_query(pg_url, "SELECT lo_from_bytea(0, 'x') IS NOT NULL AS made")[
         "made"
     ].tolist() == [True]
-    assert run_readonly_query(pg_url, "SELECT pg_advisory_lock(4242)").shape == (1, 1)
+    key = secrets.randbelow(2**31)  # advisory locks are database-wide: never share a key with other runs
+    assert run_readonly_query(pg_url, f"SELECT pg_advisory_lock({key})").shape == (1, 1)
     assert large_objects() == before
-    with pg_store.engine.connect() as connection:  # the session lock died with the query's connection
-        assert connection.exec_driver_sql("SELECT pg_try_advisory_lock(4242)").scalar() is True
-        connection.exec_driver_sql("SELECT pg_advisory_unlock(4242)")
+    # The session lock dies with the query's connection; the server ends that backend asynchronously.
+    deadline = time.monotonic() + 10
+    with pg_store.engine.connect() as connection:
+        while not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({key})").scalar():
+            assert time.monotonic() < deadline, "the advisory lock outlived the query's connection"
+            time.sleep(0.1)
+        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
 
 
 @pytest.mark.postgres
