@@ -51,3 +51,21 @@ def test_an_error_past_max_failures_fails_the_trial_with_its_reason(ray_session,
     assert (info.status, trial.status) == ("failed", "failed")
     assert trial.error == "RuntimeError: transient failure (test)"
     assert trial.checkpoint_path is None
+
+
+def test_out_of_memory_fails_the_trial_at_once_without_retries(ray_session, tmp_path: Path) -> None:
+    attempts = tmp_path / "attempts.txt"
+    spec = tmp_path / "oom.yaml"
+    spec.write_text(
+        SPEC.format(name="oom", marker="", max_failures=3).replace(
+            '{name: flaky_digits, image_size: 16, marker: ""}',
+            f'{{name: oom_digits, image_size: 16, attempts: "{attempts}"}}',
+        )
+    )
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    exp = transferlab.submit(spec, db=db, runs_dir=tmp_path / "runs")
+    store = Store.open(db, create=False)
+    (trial,) = store.trials(exp)
+    store.close()
+    assert trial.status == "failed" and trial.error.startswith("OutOfMemoryError: CUDA out of memory")
+    assert attempts.read_text().count("attempt") == 1  # max_failures: 3, yet no retry

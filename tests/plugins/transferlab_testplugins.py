@@ -40,6 +40,20 @@ def flaky_digits(*, classes: list[int] | None = None, image_size: int = 16, mark
     return task
 
 
+def oom_digits(*, classes: list[int] | None = None, image_size: int = 16, attempts: str = "") -> Any:
+    """Digits whose loss runs out of memory on the first step, noting each attempt in ``attempts``."""
+    task = TASKS.get("digits")(classes=classes, image_size=image_size)
+
+    def loss(outputs: dict, batch: dict) -> torch.Tensor:
+        if attempts:
+            with open(attempts, "a") as f:
+                f.write("attempt\n")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (test)")
+
+    task.loss = loss
+    return task
+
+
 def twostage(*, in_channels: int = 3) -> Backbone:
     """Two 3x3 conv stages (a plugin backbone for the tests)."""
     stages = [
