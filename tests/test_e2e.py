@@ -148,6 +148,7 @@ def test_a_failed_base_net_skips_its_transfer_trials(ray_session, workdir: Path)
     # The run finished and shows the table of what completed, then exits non-zero saying why.
     assert result.exit_code == 1, result.output
     assert "experiment 1 finished with 1 failed, 4 skipped trials" in result.output
+    assert "7 trials with test accuracy; left out: 1 failed, 4 skipped" in " ".join(result.output.split())
     assert (workdir / "transferlab-runs").is_dir()
     store.close()
 
