@@ -477,7 +477,7 @@ def test_cli_check_json(register: Callable[..., None]) -> None:
         (
             ["classify", "--task", "digitz"],
             1,
-            "task 'digitz' is not registered; did you mean 'digits' or 'nan_digits'?",
+            "task 'digitz' is not registered; did you mean 'digits'",
         ),
     ],
 )

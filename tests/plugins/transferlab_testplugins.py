@@ -41,13 +41,14 @@ def flaky_digits(*, classes: list[int] | None = None, image_size: int = 16, mark
 
 
 def oom_digits(*, classes: list[int] | None = None, image_size: int = 16, attempts: str = "") -> Any:
-    """Digits whose loss runs out of memory on the first step, noting each attempt in ``attempts``."""
+    """Digits whose loss runs out of memory, noting each attempt in the file ``attempts`` (when given)."""
     task = TASKS.get("digits")(classes=classes, image_size=image_size)
+    if not attempts:  # plain digits, so that contract checks over every task see a working one
+        return task
 
     def loss(outputs: dict, batch: dict) -> torch.Tensor:
-        if attempts:
-            with open(attempts, "a") as f:
-                f.write("attempt\n")
+        with open(attempts, "a") as f:
+            f.write("attempt\n")
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (test)")
 
     task.loss = loss
