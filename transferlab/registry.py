@@ -203,15 +203,29 @@ BACKBONES: Registry[Callable[..., object]] = Registry(
         "transferlab.backbones.timm_zoo",
         "transferlab.backbones.torchvision_zoo",
         "transferlab.backbones.cifar",
+        "transferlab.backbones.sequence",
     ),
 )
 HEADS: Registry[Callable[..., object]] = Registry(
-    "head", entry_point_group="transferlab.heads", builtin_modules=("transferlab.heads.classify",)
+    "head",
+    entry_point_group="transferlab.heads",
+    builtin_modules=(
+        "transferlab.heads.classify",
+        "transferlab.heads.fcn",
+        "transferlab.heads.unet",
+        "transferlab.heads.conv1d",
+    ),
 )
 TASKS: Registry[Callable[..., object]] = Registry(
     "task",
     entry_point_group="transferlab.tasks",
-    builtin_modules=("transferlab.tasks.digits", "transferlab.tasks.shapes", "transferlab.tasks.folders"),
+    builtin_modules=(
+        "transferlab.tasks.digits",
+        "transferlab.tasks.shapes",
+        "transferlab.tasks.folders",
+        "transferlab.tasks.text",
+        "transferlab.tasks.audio",
+    ),
 )
 
 REGISTRIES: dict[str, Registry[Callable[..., object]]] = {

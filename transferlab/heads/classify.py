@@ -12,6 +12,13 @@ from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over every position of an N x C x ... map (2-D images and 1-D sequences alike) -> N x C."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(2).mean(-1)
+
+
 class ClassifyHead(Head):
     """Pool the last stage, optionally one hidden layer, then logits over the task's classes."""
 
@@ -19,7 +26,7 @@ class ClassifyHead(Head):
 
     def __init__(self, in_channels: int, num_classes: int, *, hidden: int | None, dropout: float) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers: list[nn.Module] = [GlobalAvgPool(), nn.Flatten()]
         width = in_channels
         if hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]

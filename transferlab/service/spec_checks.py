@@ -71,7 +71,7 @@ def _check_depths(
             )
 
 
-PATH_OPTIONS = ("root", "weights")
+PATH_OPTIONS = ("root", "weights", "path")
 
 
 def absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
@@ -86,28 +86,42 @@ def absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_forward(spec: Spec, target: Any, backbone: Any, head: Any, source: str) -> None:
-    """Run one all-zero input of the task's size through backbone and head, as the trials will."""
+def _check_forward(spec: Spec, task: Any, backbone: Any, head: Any, source: str) -> None:
+    """Run one input of the task's size through backbone and head, as the trials will.
+
+    Images: all zeros of the target's size. Other inputs (token ids, audio frames): the first two
+    validation samples, since their dtype and layout are the task's own.
+    """
     import torch
 
-    if target.input_key != "image":  # 1-D tasks check their own input shapes
-        return
-    shape = (1, target.in_channels, *target.image_size)
+    from transferlab.engine.fit import iterate_batches
+
+    target = task.target
+    if target.input_key == "image":
+        x, batch = torch.zeros((1, target.in_channels, *target.image_size)), {}
+    else:
+        batch = next(iterate_batches(task.dataset("val"), 2, shuffle=False, generator=None))
+        x = batch[target.input_key]
+    shape = "x".join(map(str, x.shape[int(target.input_key == "image") :]))
+    what = (
+        f"a {shape} input does"
+        if target.input_key == "image"
+        else f"the task's {target.input_key} ({shape}) do"
+    )
     backbone.eval()
     head.eval()
     try:
         with torch.no_grad():
-            features = backbone(torch.zeros(shape))
-            head(features, {})
-    except RuntimeError as exc:
+            features = backbone(x)
+            head(features, batch)
+    except (RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise SpecError(
             source,
             [
                 (
                     "task",
-                    f"a {shape[1]}x{shape[2]}x{shape[3]} input does not fit backbone "
-                    f"'{spec.backbone.name}' with head '{spec.head.name}': {reason}",
+                    f"{what} not fit backbone '{spec.backbone.name}' with head '{spec.head.name}': {reason}",
                 )
             ],
         ) from None
@@ -166,7 +180,7 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
                 raise SpecError(
                     source, [("task", f"with the pretrained model's input settings: {exc}")]
                 ) from None
-    _check_forward(spec, task.target, backbone, head, source)
+    _check_forward(spec, task, backbone, head, source)
     if spec.train.device.startswith("cuda") and spec.resources.gpu == 0:
         problems.append(
             (

@@ -27,9 +27,18 @@ Caption grammar, shapes mentioned from the largest visible area down::
 
 e.g. "a large red circle at the top left above a small blue square".
 
-Class subsets keep the samples whose label is in ``classes`` and renumber the labels, so a split holds
-fewer samples than its ``*_size``; masks and captions keep the original kinds. Samples are generated
-in chunks of ``CHUNK`` with their own seeds, so a smaller ``train_size`` gives a prefix of a larger one.
+The ``target`` option picks what the task asks a head to predict (every field is in every batch):
+``label`` (classification: cross-entropy, accuracy) or ``mask`` (segmentation into 1 + kinds classes,
+background 0: per-pixel cross-entropy, mean IoU and pixel accuracy, see
+:class:`~transferlab.tasks.objectives.SegmentationObjective`).
+
+Class subsets keep the samples whose label (the largest shape) is in ``classes`` and renumber the
+labels, so a split holds fewer samples than its ``*_size`` and the same images for every target. For
+the label target, masks and captions keep the original kinds. For the mask target, the mask is
+renumbered like the labels (kind ``classes[i]`` becomes ``i + 1``) and the pixels of shapes of other
+kinds become background, as unannotated objects are in a real data set with fewer classes: A and B
+halves of a split then segment disjoint kinds. Samples are generated in chunks of ``CHUNK`` with their
+own seeds, so a smaller ``train_size`` gives a prefix of a larger one.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
+from transferlab.tasks.objectives import SegmentationObjective
 from transferlab.tasks.shapes_render import (
     COLOUR_NAMES,
     KINDS,
@@ -52,6 +62,7 @@ from transferlab.tasks.shapes_render import (
     render_scenes,
 )
 from transferlab.tasks.splits import (
+    check_choice,
     check_classes,
     check_int,
     check_normalization,
@@ -65,10 +76,16 @@ MEAN = (0.175, 0.180, 0.173)
 STD = (0.296, 0.295, 0.298)
 CHUNK = 256
 SIZE_WORDS = ((0.30, "large"), (0.18, "medium"), (0.0, "small"))
+TARGETS = ("label", "mask")
+PLANNED_TARGETS = ("box", "caption", "image")  # every sample already carries them; no objective yet
 
 
 class ShapesTask(ClassificationTask):
-    """Classify the largest shape; see :func:`shapes` for the options and the module for the data."""
+    """Classify the largest shape or segment every shape; see :func:`shapes` and the module docstring.
+
+    With ``target="label"`` this is a :class:`ClassificationTask`; any other target forwards loss and
+    metrics to its objective (``self.objective``), whose primary metric the task reports.
+    """
 
     name = "shapes"
 
@@ -83,14 +100,38 @@ class ShapesTask(ClassificationTask):
         self.classes: tuple[int, ...] | None = options["classes"]
         size = options["image_size"]
         picked = self.classes if self.classes is not None else tuple(range(len(KINDS)))
+        names = tuple(KINDS[c] for c in picked)
+        kind = options.get("target", "label")
+        self.objective: SegmentationObjective | None = None
+        if kind == "mask":  # class 0 is the background, class i + 1 the kind classes[i]
+            names = ("background", *names)
+            self.objective = SegmentationObjective(num_classes=len(names))
+            self.primary_metric = self.objective.primary_metric
+            self.higher_is_better = self.objective.higher_is_better
         self.target = TargetSpec(
-            kind="label",
-            num_classes=len(picked),
+            kind=kind,
+            num_classes=len(names),
             in_channels=3,
             image_size=(size, size),
-            class_names=tuple(KINDS[c] for c in picked),
+            class_names=names,
         )
         self._datasets: dict[str, InMemoryDataset] | None = None
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        if self.objective is None:
+            return super().loss(outputs, batch)
+        return self.objective.loss(outputs, batch)
+
+    def metrics(self) -> dict[str, Any]:
+        return super().metrics() if self.objective is None else self.objective.metrics()
+
+    def update_metrics(
+        self, metrics: dict[str, Any], outputs: dict[str, torch.Tensor], batch: dict[str, Any]
+    ) -> None:
+        if self.objective is None:
+            super().update_metrics(metrics, outputs, batch)
+        else:
+            self.objective.update_metrics(metrics, outputs, batch)
 
     def options(self) -> dict[str, Any]:
         """The factory options this task was built with (``classes`` as a list or None)."""
@@ -126,6 +167,9 @@ class ShapesTask(ClassificationTask):
                 split: select_classes(*self._generate(code, sizes[split]), self.classes, len(KINDS))
                 for code, split in enumerate(SPLITS)
             }
+            if self.target.kind == "mask" and self.classes is not None:
+                for dataset in self._datasets.values():
+                    dataset.tensors["mask"] = subset_mask(dataset.tensors["mask"], self.classes)
         return self._datasets
 
     def _generate(self, split_code: int, size: int) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]]]:
@@ -146,6 +190,13 @@ class ShapesTask(ClassificationTask):
             captions.extend(chunk_captions[:n])
         tensors["index"] = torch.arange(size)
         return tensors, {"caption": captions}
+
+
+def subset_mask(mask: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """``mask`` (0 background, k + 1 kind k) renumbered: kind ``classes[i]`` -> i + 1, other kinds -> 0."""
+    lookup = torch.zeros(len(KINDS) + 1, dtype=mask.dtype)
+    lookup[torch.tensor(classes) + 1] = torch.arange(1, len(classes) + 1, dtype=mask.dtype)
+    return lookup[mask]
 
 
 def _to_samples(
@@ -203,6 +254,7 @@ def _relation(first: np.ndarray, second: np.ndarray) -> str:
 def shapes(
     *,
     classes: Sequence[int] | None = None,
+    target: str = "label",
     image_size: int = 32,
     train_size: int = 2000,
     val_size: int = 400,
@@ -217,7 +269,11 @@ def shapes(
 
     Args:
         classes: Kinds to keep, in label order (0 circle, 1 square, 2 triangle, 3 diamond, 4 cross,
-            5 star); labels are renumbered 0..len(classes)-1. ``None`` keeps all six.
+            5 star): images whose largest shape is one of them; labels are renumbered
+            0..len(classes)-1 (mask target: 1..len(classes), other kinds become background).
+            ``None`` keeps all six.
+        target: What a head predicts: "label" (the largest shape's kind) or "mask" (per pixel:
+            0 background, i + 1 the i-th kept kind; primary metric ``miou``).
         image_size: Height and width in pixels (>= 16).
         train_size: Images generated for the training split (before a class subset is applied).
         val_size: Images generated for the validation split.
@@ -230,10 +286,14 @@ def shapes(
             normalisation is filled in by transferlab unless the spec sets these.
         std: Per-channel standard deviations (3 values).
     """
+    if target in PLANNED_TARGETS:
+        raise ValueError(f"shapes: target {target!r} is not implemented yet; allowed: {', '.join(TARGETS)}")
+    check_choice("shapes", "target", target, TARGETS)
     normalization = check_normalization("shapes", mean, std, 3)
     min_shapes = check_int("shapes", "min_shapes", min_shapes, minimum=1, maximum=MAX_SHAPES)
     return ShapesTask(
         classes=check_classes("shapes", classes, KINDS),
+        target=target,
         image_size=check_int("shapes", "image_size", image_size, minimum=16),
         train_size=check_int("shapes", "train_size", train_size, minimum=1),
         val_size=check_int("shapes", "val_size", val_size, minimum=1),
