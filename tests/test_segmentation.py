@@ -260,3 +260,16 @@ def test_two_epochs_beat_all_background(head: tuple[str, dict], lr: float) -> No
     baseline = scores(objective, one_hot_logits(torch.zeros_like(val), 7), val)["miou"]
     assert baseline == pytest.approx(float((val == 0).float().mean()) / 7)  # every class occurs
     assert result.history[-1]["val/miou"] > baseline + 0.04, (result.history, baseline)
+
+
+def test_mask_class_subsets_are_validated_against_the_shape_kinds(tmp_path) -> None:
+    from transferlab.service.spec import validate_spec_text
+    from transferlab.service.spec_yaml import SpecError
+
+    text = (
+        "name: seg\nstudy: single\nbackbone: {name: convnet, widths: [4, 8]}\nhead: unet\n"
+        "task: {name: shapes, target: mask, image_size: 16, train_size: 16, val_size: 8, test_size: 8}\n"
+    )
+    assert validate_spec_text(text + "single: {classes: [4, 5]}\n").num_classes == 6
+    with pytest.raises(SpecError, match=r"classes \[6\] do not exist; the task has classes 0..5"):
+        validate_spec_text(text + "single: {classes: [5, 6]}\n")

@@ -190,7 +190,7 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         )
 
     stage_names = tuple(backbone.feature_info.names)
-    num_classes = task.target.num_classes or 0
+    num_classes = task.num_selectable_classes
     lr_mult = spec.train.stage_lr_mult
     if lr_mult is not None and len(lr_mult) != len(stage_names):
         problems.append(

@@ -115,6 +115,15 @@ class Task(ABC):
     ) -> None:
         """Feed one batch to the metric objects returned by ``metrics``."""
 
+    @property
+    def num_selectable_classes(self) -> int:
+        """How many classes ``classes=[...]`` may pick from (A/B splits, class subsets).
+
+        The target's class count by default; a task whose target adds classes of its own (a mask's
+        background) overrides it.
+        """
+        return self.target.num_classes or 0
+
     def fingerprint(self) -> str:
         """A hash identifying the exact samples, classes and transforms of every split."""
         return stable_hash(self.describe())

@@ -83,11 +83,18 @@ PLANNED_TARGETS = ("box", "caption", "image")  # every sample already carries th
 class ShapesTask(ClassificationTask):
     """Classify the largest shape or segment every shape; see :func:`shapes` and the module docstring.
 
+    Class subsets pick shape kinds (0..5) whatever the target, so ``num_selectable_classes`` is 6
+    even for masks, whose targets also hold the background.
+
     With ``target="label"`` this is a :class:`ClassificationTask`; any other target forwards loss and
     metrics to its objective (``self.objective``), whose primary metric the task reports.
     """
 
     name = "shapes"
+
+    @property
+    def num_selectable_classes(self) -> int:
+        return len(KINDS)
 
     def __init__(self, **options: Any) -> None:
         self._options = options
