@@ -216,3 +216,17 @@ def test_fit_resumes_after_the_last_finished_epoch_and_matches_an_uninterrupted_
     for mine, theirs in zip(resumed.history, straight.history, strict=True):
         assert mine == pytest.approx(theirs)
     assert resumed.test == pytest.approx(straight.test)
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    from transferlab.atomic import atomic_path
+
+    target = tmp_path / "state.pt"
+    target.write_text("old")
+    with pytest.raises(Crash), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise Crash
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]

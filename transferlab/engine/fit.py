@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from transferlab.atomic import atomic_path
 from transferlab.engine.checkpoint import save_checkpoint
 from transferlab.engine.model import TransferModel
 from transferlab.tasks.base import InMemoryDataset, Task
@@ -231,9 +231,8 @@ def train_epoch(
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
     """Write the state to resume training from (tensors and plain values only) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_training_state(path: Path) -> dict[str, Any] | None:

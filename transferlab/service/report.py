@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,12 +365,7 @@ def _draw_single(axes: Any, frame: pd.DataFrame) -> None:
 
 def _save_atomically(figure: Any, path: Path) -> None:
     """Write the PNG beside ``path`` and rename it over ``path``, so no reader sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    from transferlab.atomic import atomic_path
+
+    with atomic_path(path, mode=0o644) as temporary:  # a plot is for sharing, not private
         figure.savefig(temporary, format="png", dpi=150)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a plot is for sharing
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
