@@ -2,7 +2,8 @@
 
 A task never sees a model, only the head's output dict and the batch dict. Batches are dicts:
 ``image`` (float, N x C x H x W, normalised), and per target kind ``label`` (long, N), ``mask``
-(long, N x H x W), ``box`` (float, N x 4, normalised cx, cy, w, h) or ``caption`` (list of str).
+(long, N x H x W), ``box`` (float, N x 4, normalised cx, cy, w, h) or ``caption`` (list of str, with
+its token ids in ``caption_tokens``); an ``image`` target is the input itself.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class TargetSpec:
         image_size: Input height and width in pixels.
         class_names: Human-readable class names, index-aligned with the labels.
         input_key: The batch field the backbone reads ("image"; 1-D tasks may use e.g. "tokens").
+        vocabulary: Caption targets: the words a decoder may emit, index-aligned with token ids
+            (special tokens included, see ``transferlab.tasks.captioning``).
+        max_length: Caption targets: the most tokens a decoded caption may have.
     """
 
     kind: str
@@ -40,6 +44,8 @@ class TargetSpec:
     image_size: tuple[int, int] = (32, 32)
     class_names: tuple[str, ...] = field(default_factory=tuple)
     input_key: str = "image"
+    vocabulary: tuple[str, ...] = field(default_factory=tuple)
+    max_length: int = 0
 
 
 class InMemoryDataset(Dataset):

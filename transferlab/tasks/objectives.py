@@ -8,11 +8,66 @@ Label targets keep :class:`~transferlab.tasks.base.ClassificationTask`'s cross-e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+
+class Objective(Protocol):
+    """Loss and metrics of one target kind.
+
+    Optional members a task looks for: ``prepare(dataset)`` adds fields derived from the targets to
+    an ``InMemoryDataset`` (e.g. caption token ids); ``vocabulary`` and ``max_length`` go into the
+    task's ``TargetSpec`` (caption targets).
+    """
+
+    primary_metric: str
+    higher_is_better: bool
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> Tensor: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def update_metrics(
+        self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]
+    ) -> None: ...
+
+
+def target_objective(
+    kind: str,
+    num_classes: int,
+    normalization: tuple[Sequence[float], Sequence[float]],
+    captions: Sequence[str] | None = None,
+) -> Objective | None:
+    """The objective of a target kind; ``None`` for "label" (the task's own cross-entropy).
+
+    Args:
+        kind: "label", "mask", "box", "caption" or "image".
+        num_classes: Classes of the labels (box targets may predict the class too) or of the mask.
+        normalization: (mean, std) of the input pixels, to score reconstructions in [0, 1] pixels.
+        captions: Caption targets of a user data set, to build the vocabulary from (the shapes
+            grammar's fixed vocabulary when ``None``).
+    """
+    if kind == "label":
+        return None
+    if kind == "mask":
+        return SegmentationObjective(num_classes=num_classes)
+    if kind == "box":
+        from transferlab.tasks.localization import BoxObjective
+
+        return BoxObjective(num_classes=num_classes)
+    if kind == "caption":
+        from transferlab.tasks.captioning import CaptionObjective
+
+        return CaptionObjective.for_captions(captions)
+    if kind == "image":
+        from transferlab.tasks.reconstruction import ReconstructionObjective
+
+        return ReconstructionObjective(mean=tuple(normalization[0]), std=tuple(normalization[1]))
+    raise ValueError(f"no objective for target kind {kind!r}; allowed: label, mask, box, caption, image")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
-from transferlab.tasks.objectives import SegmentationObjective
+from transferlab.tasks.objectives import Objective, target_objective
 from transferlab.tasks.shapes_render import (
     COLOUR_NAMES,
     KINDS,
@@ -76,8 +76,7 @@ MEAN = (0.175, 0.180, 0.173)
 STD = (0.296, 0.295, 0.298)
 CHUNK = 256
 SIZE_WORDS = ((0.30, "large"), (0.18, "medium"), (0.0, "small"))
-TARGETS = ("label", "mask")
-PLANNED_TARGETS = ("box", "caption", "image")  # every sample already carries them; no objective yet
+TARGETS = ("label", "mask", "box", "caption", "image")
 
 
 class ShapesTask(ClassificationTask):
@@ -109,10 +108,10 @@ class ShapesTask(ClassificationTask):
         picked = self.classes if self.classes is not None else tuple(range(len(KINDS)))
         names = tuple(KINDS[c] for c in picked)
         kind = options.get("target", "label")
-        self.objective: SegmentationObjective | None = None
         if kind == "mask":  # class 0 is the background, class i + 1 the kind classes[i]
             names = ("background", *names)
-            self.objective = SegmentationObjective(num_classes=len(names))
+        self.objective: Objective | None = target_objective(kind, len(names), self.normalization)
+        if self.objective is not None:
             self.primary_metric = self.objective.primary_metric
             self.higher_is_better = self.objective.higher_is_better
         self.target = TargetSpec(
@@ -121,6 +120,8 @@ class ShapesTask(ClassificationTask):
             in_channels=3,
             image_size=(size, size),
             class_names=names,
+            vocabulary=tuple(getattr(self.objective, "vocabulary", ())),
+            max_length=int(getattr(self.objective, "max_length", 0)),
         )
         self._datasets: dict[str, InMemoryDataset] | None = None
 
@@ -177,6 +178,10 @@ class ShapesTask(ClassificationTask):
             if self.target.kind == "mask" and self.classes is not None:
                 for dataset in self._datasets.values():
                     dataset.tensors["mask"] = subset_mask(dataset.tensors["mask"], self.classes)
+            prepare = getattr(self.objective, "prepare", None)
+            if prepare is not None:  # fields derived from the targets, e.g. caption token ids
+                for dataset in self._datasets.values():
+                    prepare(dataset)
         return self._datasets
 
     def _generate(self, split_code: int, size: int) -> tuple[dict[str, torch.Tensor], dict[str, list[Any]]]:
@@ -293,8 +298,6 @@ def shapes(
             normalisation is filled in by transferlab unless the spec sets these.
         std: Per-channel standard deviations (3 values).
     """
-    if target in PLANNED_TARGETS:
-        raise ValueError(f"shapes: target {target!r} is not implemented yet; allowed: {', '.join(TARGETS)}")
     check_choice("shapes", "target", target, TARGETS)
     normalization = check_normalization("shapes", mean, std, 3)
     min_shapes = check_int("shapes", "min_shapes", min_shapes, minimum=1, maximum=MAX_SHAPES)
