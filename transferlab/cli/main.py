@@ -58,7 +58,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from transferlab.cli import cluster, db, experiments, inspect_cmd, plugins, reports
+    from transferlab.cli import cluster, db, experiments, inspect_cmd, plugins, reports, samples
 
     for command in (
         experiments.demo,
@@ -70,6 +70,7 @@ def _register() -> None:
         reports.plot,
         reports.query,
         reports.logs,
+        samples.samples,
         cluster.cluster,
         plugins.plugins,
         db.db,

@@ -162,3 +162,83 @@ def inspect(name: str, input_shape: str = "3x224x224", options: dict[str, Any] |
     from transferlab.engine.complexity import inspect_backbone
 
     return inspect_backbone(name, input_shape, options)
+
+
+def samples(
+    experiment: str | int,
+    trial: str | int | None = None,
+    *,
+    db: str | None = None,
+    split: str = "test",
+    n: int = 8,
+    out: str | Path | None = None,
+    beam_size: int = 3,
+) -> dict[str, Any]:
+    """What a trained trial predicts for the first ``n`` samples of ``split``.
+
+    Caption targets: reference, greedy and beam-search captions as text. Image targets (autoencoder,
+    VAE): a PNG grid of inputs and reconstructions (and, for a VAE, samples from the prior) at ``out``
+    (default ``<experiment>-<trial id>-samples.png``). ``trial`` is a trial id or key; by default the
+    completed trial with the best test value of the experiment's primary metric.
+
+    Returns:
+        ``{"trial": TrialInfo, "kind": target kind, "captions": [...]}`` or ``{..., "figure": Path}``.
+
+    Raises:
+        ValueError: no such trial, the trial has no checkpoint, or its target has no sample view.
+    """
+    from transferlab.engine.restore import restore_trial
+    from transferlab.tasks.base import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    store = open_store(db, create=False)
+    try:
+        info = store.find_experiment(experiment)
+        chosen = _pick_trial(store, info, trial)
+    finally:
+        store.close()
+    if not chosen.checkpoint_path:
+        raise ValueError(f"trial {chosen.id} ({chosen.key}) has no checkpoint (status {chosen.status})")
+    model, task = restore_trial(chosen.config, chosen.checkpoint_path)
+    dataset = task.dataset(split)
+    kind = task.target.kind
+    if kind == "caption":
+        from transferlab.engine.caption_samples import caption_samples
+
+        rows = caption_samples(model, task, dataset, n, beam_size=beam_size)
+        return {"trial": chosen, "kind": kind, "captions": rows}
+    if kind == "image":
+        from transferlab.engine.image_samples import write_image_samples
+
+        path = Path(out) if out is not None else Path(f"{info.name}-{chosen.id}-samples.png")
+        return {"trial": chosen, "kind": kind, "figure": write_image_samples(model, task, dataset, path, n)}
+    raise ValueError(
+        f"trial {chosen.id} ({chosen.key}) predicts '{kind}' targets; samples shows caption targets "
+        "(as text) and image targets (a PNG grid of reconstructions)"
+    )
+
+
+def _pick_trial(store: Any, info: Any, trial: str | int | None) -> Any:
+    """The trial named by id or key, or the best completed one of the experiment."""
+    from transferlab.service.report import SOURCE_CONDITIONS, results_frame
+
+    trials = store.trials(info.id)
+    if trial is not None:
+        ref = str(trial)
+        found = [t for t in trials if str(t.id) == ref or t.key == ref]
+        if not found:
+            keys = ", ".join(t.key for t in trials[:5])
+            raise ValueError(
+                f"experiment {info.id} ({info.name}) has no trial {ref!r}; give a trial id or key "
+                f"(e.g. {keys}; `transferlab status {info.id}` lists them)"
+            )
+        return found[0]
+    frame = results_frame(store, info.id)
+    frame = frame[~frame["condition"].isin(SOURCE_CONDITIONS)]
+    if frame.empty:
+        raise ValueError(f"experiment {info.id} ({info.name}) has no completed trial with a test value")
+    best = frame.sort_values("value", ascending=not info.higher_is_better).iloc[0]
+    return next(t for t in trials if t.id == int(best["trial_id"]))

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 CONDITION_ORDER = ("baseA", "baseB", "AnB", "AnB+", "BnB", "BnB+", "random", "single")
 SOURCE_CONDITIONS = ("baseA",)  # measured on task A, so never "best" on the target task nor plotted
 FORMATS = ("table", "csv", "json", "markdown")
-RESULT_COLUMNS = ("trial_id", "key", "role", "condition", "depth", "seed", "split_id", "value")
+RESULT_COLUMNS = ("trial_id", "key", "role", "condition", "depth", "seed", "split_id", "value", "metric")
 STATS = ("mean", "std", "n")
 
 
@@ -44,10 +44,13 @@ class ResultsSummary:
     completed: int
     left_out: Mapping[str, int] = field(default_factory=dict)  # status -> trials not completed
     missing_metric: int = 0  # completed trials without a test value of the metric
+    source_metric: str | None = None  # baseA's metric when it differs (cross-task transfer)
 
     def line(self) -> str:
         """One line for a caption, e.g. ``12 trials with test accuracy; left out: 2 failed``."""
         text = f"{self.completed} trials with test {self.metric}"
+        if self.source_metric:
+            text += f" (baseA: test {self.source_metric} on the source task)"
         parts = [f"{n} {status}" for status, n in self.left_out.items() if n]
         if self.missing_metric:
             parts.append(f"{self.missing_metric} completed without it")
@@ -55,23 +58,31 @@ class ResultsSummary:
 
 
 def results_frame(store: Store, experiment_id: int | str) -> pd.DataFrame:
-    """One row per completed trial with its test value of the experiment's primary metric.
+    """One row per completed trial with its test value of its task's primary metric.
 
     ``experiment_id`` is an id or a name, as for :meth:`Store.find_experiment`.
 
-    Columns: trial_id, key, role, condition, depth, seed, split_id, value. Trials that are not
-    completed, or have no test value, are left out and counted in ``frame.attrs["summary"]``
-    (a :class:`ResultsSummary`). When a trial has test values at several epochs, the last counts.
+    Columns: trial_id, key, role, condition, depth, seed, split_id, value, metric. ``metric`` is the
+    experiment's primary metric, except for base net A of a cross-task study, which reports its
+    source task's (e.g. accuracy beside the target task's miou). Trials that are not completed, or
+    have no test value, are left out and counted in ``frame.attrs["summary"]`` (a
+    :class:`ResultsSummary`). When a trial has test values at several epochs, the last counts.
     """
     info = store.find_experiment(experiment_id)
     trials = [t for t in store.trials(info.id) if t.status == "completed"]
     frame = pd.DataFrame(
-        [(t.id, t.key, t.role, t.condition, t.depth, t.seed, t.split) for t in trials],
-        columns=list(RESULT_COLUMNS[:-1]),
+        [
+            (t.id, t.key, t.role, t.condition, t.depth, t.seed, t.split, t.config.get("primary_metric"))
+            for t in trials
+        ],
+        columns=[*RESULT_COLUMNS[:-2], "metric"],
     )
-    metrics = store.metrics_frame(info.id, split="test", name=info.primary_metric)
-    last = metrics.sort_values(["trial_id", "epoch"]).groupby("trial_id").tail(1)[["trial_id", "value"]]
-    frame = frame.merge(last, on="trial_id", how="left")
+    frame["metric"] = frame["metric"].fillna(info.primary_metric).astype(str)
+    names = sorted(set(frame["metric"])) or [info.primary_metric]
+    metrics = pd.concat([store.metrics_frame(info.id, split="test", name=n) for n in names])
+    last = metrics.sort_values(["trial_id", "epoch"]).groupby(["trial_id", "name"]).tail(1)
+    last = last.rename(columns={"name": "metric"})[["trial_id", "metric", "value"]]
+    frame = frame.merge(last, on=["trial_id", "metric"], how="left")[list(RESULT_COLUMNS)]
     missing = int(frame["value"].isna().sum())
     frame = frame.dropna(subset=["value"]).reset_index(drop=True)
     frame = frame.astype({"trial_id": "int64", "depth": "int64", "seed": "int64", "value": "float64"})
@@ -83,6 +94,7 @@ def results_frame(store: Store, experiment_id: int | str) -> pd.DataFrame:
         completed=len(frame),
         left_out={status: n for status, n in info.trial_counts.items() if status != "completed"},
         missing_metric=missing,
+        source_metric=next((m for m in names if m != info.primary_metric), None),
     )
     return frame
 

@@ -28,6 +28,8 @@ from transferlab.engine.model import TransferModel
 from transferlab.registry import HEADS, TASKS, UnknownPluginError
 from transferlab.tasks.base import TargetSpec, Task
 
+# Target kinds a task's ``target`` option may offer (see transferlab.tasks.base.TargetSpec).
+TARGET_KINDS = ("label", "mask", "box", "caption", "image")
 # The backbone heads are checked on: small, built-in, 2-D, with BatchNorm.
 PROBE_BACKBONE = ("convnet", {"widths": [8, 16, 16]})
 
@@ -79,27 +81,56 @@ def _pair(
 ) -> tuple[list[_Pairing], list[str]]:
     """Build the head for each task; tasks that fail themselves are skipped, with the reason."""
     pairings, skipped = [], []
-    for task_name in tasks if tasks is not None else TASKS.names():
+    for task_name, task_options in _task_variants(tasks if tasks is not None else TASKS.names()):
+        label = task_name + "".join(f" {k}={v}" for k, v in task_options.items())
         try:
-            task = build_task(task_name)
+            task = build_task(task_name, task_options)
             batch = next(iterate_batches(task.dataset("val"), BATCH, shuffle=False, generator=None))
             x = batch.get(task.target.input_key)
             if not isinstance(x, Tensor) or x.ndim != 4:
-                skipped.append(f"{task_name} (its inputs are not images)")
+                skipped.append(f"{label} (its inputs are not images)")
                 continue
             backbone = build_backbone(*PROBE_BACKBONE, task.target)
         except UnknownPluginError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken task is not the head's fault
-            skipped.append(f"{task_name} (the task fails: {describe_error(exc)})")
+            skipped.append(f"{label} (the task fails: {describe_error(exc)})")
             continue
-        pairing = _Pairing(task_name, task, batch, backbone)
+        pairing = _Pairing(label, task, batch, backbone)
         try:
             pairing.head = factory(backbone.feature_info, task.target, **options)
         except Exception as exc:  # noqa: BLE001 - reported by the checks
             pairing.error = describe_error(exc)
         pairings.append(pairing)
     return pairings, skipped
+
+
+def _task_variants(names: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each task with its default options, and once per other target kind its ``target`` option takes.
+
+    A task such as ``shapes`` provides a label by default and a mask, box, caption or image on
+    request; a head of any of those kinds then finds it. Kinds a task refuses are left out.
+    """
+    variants: list[tuple[str, dict[str, Any]]] = []
+    for name in names:
+        variants.append((name, {}))
+        with suppress(UnknownPluginError):
+            if "target" not in inspect.signature(TASKS.get(name)).parameters:
+                continue
+            default = inspect.signature(TASKS.get(name)).parameters["target"].default
+            for kind in TARGET_KINDS:
+                if kind != default and _accepts_target(name, kind):
+                    variants.append((name, {"target": kind}))
+    return variants
+
+
+def _accepts_target(name: str, kind: str) -> bool:
+    """Whether task ``name`` builds with ``target: kind`` (cheap: no data is generated yet)."""
+    try:
+        build_task(name, {"target": kind})
+    except Exception:  # noqa: BLE001 - a refused target kind is simply not offered
+        return False
+    return True
 
 
 def _compatible(
