@@ -214,6 +214,7 @@ HEADS: Registry[Callable[..., object]] = Registry(
         "transferlab.heads.fcn",
         "transferlab.heads.unet",
         "transferlab.heads.conv1d",
+        "transferlab.heads.bbox",
     ),
 )
 TASKS: Registry[Callable[..., object]] = Registry(
@@ -225,6 +226,7 @@ TASKS: Registry[Callable[..., object]] = Registry(
         "transferlab.tasks.folders",
         "transferlab.tasks.text",
         "transferlab.tasks.audio",
+        "transferlab.tasks.box_files",
     ),
 )
 

@@ -31,6 +31,9 @@ The ``target`` option picks what the task asks a head to predict (every field is
 ``label`` (classification: cross-entropy, accuracy) or ``mask`` (segmentation into 1 + kinds classes,
 background 0: per-pixel cross-entropy, mean IoU and pixel accuracy, see
 :class:`~transferlab.tasks.objectives.SegmentationObjective`).
+``box`` (localisation: the largest shape's box, normalised cx, cy, w, h of its visible pixels, and
+its kind as the class: smooth L1 + GIoU loss, mean IoU ``iou`` and IoU >= 0.5 share ``acc50``, see
+:class:`~transferlab.tasks.localization.BoxObjective`).
 
 Class subsets keep the samples whose label (the largest shape) is in ``classes`` and renumber the
 labels, so a split holds fewer samples than its ``*_size`` and the same images for every target. For
@@ -285,7 +288,8 @@ def shapes(
             0..len(classes)-1 (mask target: 1..len(classes), other kinds become background).
             ``None`` keeps all six.
         target: What a head predicts: "label" (the largest shape's kind) or "mask" (per pixel:
-            0 background, i + 1 the i-th kept kind; primary metric ``miou``).
+            0 background, i + 1 the i-th kept kind; primary metric ``miou``) or "box" (the
+            largest shape's box and kind; primary metric ``iou``).
         image_size: Height and width in pixels (>= 16).
         train_size: Images generated for the training split (before a class subset is applied).
         val_size: Images generated for the validation split.
