@@ -214,6 +214,7 @@ HEADS: Registry[Callable[..., object]] = Registry(
         "transferlab.heads.fcn",
         "transferlab.heads.unet",
         "transferlab.heads.conv1d",
+        "transferlab.heads.caption",
         "transferlab.heads.bbox",
     ),
 )
@@ -226,6 +227,7 @@ TASKS: Registry[Callable[..., object]] = Registry(
         "transferlab.tasks.folders",
         "transferlab.tasks.text",
         "transferlab.tasks.audio",
+        "transferlab.tasks.caption_csv",
         "transferlab.tasks.box_files",
     ),
 )
