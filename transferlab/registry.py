@@ -225,6 +225,7 @@ TASKS: Registry[Callable[..., object]] = Registry(
         "transferlab.tasks.digits",
         "transferlab.tasks.shapes",
         "transferlab.tasks.folders",
+        "transferlab.tasks.mask_folders",
         "transferlab.tasks.text",
         "transferlab.tasks.audio",
         "transferlab.tasks.caption_csv",

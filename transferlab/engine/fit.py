@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.atomic import atomic_path
+from transferlab.engine.augment import augmented_train_set
 from transferlab.engine.checkpoint import save_checkpoint
 from transferlab.engine.model import TransferModel
 from transferlab.tasks.base import InMemoryDataset, Task
@@ -257,6 +258,7 @@ def fit(
     checkpoint_path: str | Path | None = None,
     checkpoint_metadata: dict[str, Any] | None = None,
     resume_path: str | Path | None = None,
+    augment: Sequence[Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``task`` and evaluate it.
 
@@ -270,6 +272,9 @@ def fit(
         resume_path: Where the training state is saved after every epoch. If a state is already there
             (the trial was interrupted or retried), training resumes after its epoch and the earlier
             epochs' rows are passed to ``on_epoch`` again, so a fresh record of them is complete.
+        augment: The spec's ``augment`` list (albumentations transforms, see
+            ``transferlab.engine.augment``), applied to the training split only, seeded by
+            ``config.seed`` and the epoch.
 
     Raises:
         NonFiniteLossError: The loss became NaN or infinite.
@@ -288,6 +293,8 @@ def fit(
     schedule = build_schedule(optimizer, config)
     generator = torch.Generator().manual_seed(config.seed)
     train_set, val_set, test_set = (task.dataset(s) for s in ("train", "val", "test"))
+    if augment:  # evaluation data is never augmented
+        train_set = augmented_train_set(task, augment, seed=config.seed)
     primary, sign = task.primary_metric, (1.0 if task.higher_is_better else -1.0)
     result = FitResult()
     best_score, best_state, stale, first_epoch = -math.inf, None, 0, 1
@@ -311,6 +318,8 @@ def fit(
                 on_epoch(epoch, row)
 
     for epoch in range(first_epoch, config.epochs + 1):
+        if hasattr(train_set, "set_epoch"):  # augmentation draws are seeded per epoch
+            train_set.set_epoch(epoch)
         row, result.steps = train_epoch(
             model,
             task,

@@ -100,6 +100,7 @@ def run_trial(
         checkpoint_path=checkpoint_path,
         checkpoint_metadata={"trial_key": config.get("trial_key"), "freeze_depth": model.freeze_depth},
         resume_path=resume_path,
+        augment=config.get("augment"),
     )
     if resume_path is not None:
         resume_path.unlink(missing_ok=True)

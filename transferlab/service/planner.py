@@ -68,6 +68,7 @@ class PlannedTrial:
             "head": {"name": spec.head.name, "options": spec.head.options},
             "task": {"name": spec.task.name, "options": vspec.task_options},
             "train": spec.train.model_dump(),
+            "augment": [step.model_dump() for step in spec.augment],  # [] = no augmentation
         }
 
 

@@ -178,6 +178,9 @@ class Spec(_Strict):
     head: PluginRef = PluginRef(name="classify")
     task: PluginRef
     train: TrainSpec = TrainSpec()
+    #: Albumentations transforms for the training split (docs/augmentation.md): a name, or a name with
+    #: the transform's parameters; checked against albumentations by ``spec_checks``.
+    augment: list[PluginRef] = Field(default_factory=list, max_length=64)
     seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
         default_factory=lambda: [0], min_length=1, max_length=1000
     )

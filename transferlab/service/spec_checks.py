@@ -181,6 +181,10 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
                     source, [("task", f"with the pretrained model's input settings: {exc}")]
                 ) from None
     _check_forward(spec, task, backbone, head, source)
+    if spec.augment:  # albumentations transforms of every trial's training split
+        from transferlab.engine.augment import check_augmentation
+
+        problems += check_augmentation([step.model_dump() for step in spec.augment], task)
     if spec.train.device.startswith("cuda") and spec.resources.gpu == 0:
         problems.append(
             (

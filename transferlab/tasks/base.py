@@ -102,6 +102,9 @@ class Task(ABC):
     target: TargetSpec
     primary_metric: str = "accuracy"
     higher_is_better: bool = True
+    #: Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels of ``image``, or
+    #: ``None`` when the input is not such an image; augmentation needs it (``engine.augment``).
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @abstractmethod
     def dataset(self, split: str) -> Dataset:
