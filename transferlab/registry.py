@@ -214,6 +214,8 @@ HEADS: Registry[Callable[..., object]] = Registry(
         "transferlab.heads.fcn",
         "transferlab.heads.unet",
         "transferlab.heads.conv1d",
+        "transferlab.heads.autoencoder",
+        "transferlab.heads.vae",
         "transferlab.heads.caption",
         "transferlab.heads.bbox",
     ),

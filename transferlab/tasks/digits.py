@@ -5,6 +5,11 @@ normalised with the mean and standard deviation of the whole 10-class training s
 subsets of one transfer study see identically normalised pixels. The stratified train/val/test split is
 made over all 10 classes before a class subset is applied: the samples a class contributes to a split
 never depend on which subset was asked for.
+
+The ``target`` option picks what a head predicts: ``label`` (the digit: cross-entropy, accuracy) or
+``image`` (the input itself, for the ``autoencoder`` and ``vae`` heads: see
+:class:`~transferlab.tasks.reconstruction.ReconstructionObjective`, primary metric ``psnr``). Both see
+the same samples and pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
+from transferlab.tasks.objectives import Objective, target_objective
 from transferlab.tasks.splits import (
     check_choice,
     check_classes,
@@ -33,10 +39,15 @@ NUM_CLASSES = 10
 CLASS_NAMES = tuple(str(d) for d in range(NUM_CLASSES))
 NATIVE_SIZE = 8
 MAX_VALUE = 16.0  # load_digits pixels are integer counts 0..16
+TARGETS = ("label", "image")
 
 
 class DigitsTask(ClassificationTask):
-    """Digit classification on sklearn's digits; see :func:`digits` for the options."""
+    """Digit classification (or reconstruction) on sklearn's digits; see :func:`digits` for the options.
+
+    With ``target="label"`` this is a :class:`ClassificationTask`; ``target="image"`` forwards loss and
+    metrics to its objective (``self.objective``), whose primary metric the task reports.
+    """
 
     name = "digits"
 
@@ -50,6 +61,7 @@ class DigitsTask(ClassificationTask):
         test_fraction: float,
         split_seed: int,
         normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        target: str = "label",
     ) -> None:
         self.classes = classes
         self.image_size = image_size
@@ -59,7 +71,7 @@ class DigitsTask(ClassificationTask):
         self.split_seed = split_seed
         picked = classes if classes is not None else tuple(range(NUM_CLASSES))
         self.target = TargetSpec(
-            kind="label",
+            kind=target,
             num_classes=len(picked),
             in_channels=channels,
             image_size=(image_size, image_size),
@@ -69,9 +81,35 @@ class DigitsTask(ClassificationTask):
         self._given_normalization = normalization
         self._normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self._raw_hash: str | None = None
+        self.objective: Objective | None = None
+        if target != "label":  # the image objective un-normalises pixels: build the data to know how
+            self.objective = target_objective(target, len(picked), self.normalization)
+            self.primary_metric = self.objective.primary_metric
+            self.higher_is_better = self.objective.higher_is_better
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        if self.objective is None:
+            return super().loss(outputs, batch)
+        return self.objective.loss(outputs, batch)
+
+    def metrics(self) -> dict[str, Any]:
+        return super().metrics() if self.objective is None else self.objective.metrics()
+
+    def update_metrics(
+        self, metrics: dict[str, Any], outputs: dict[str, torch.Tensor], batch: dict[str, Any]
+    ) -> None:
+        if self.objective is None:
+            super().update_metrics(metrics, outputs, batch)
+        else:
+            self.objective.update_metrics(metrics, outputs, batch)
 
     def options(self) -> dict[str, Any]:
-        """The factory options this task was built with (``classes`` as a list or None)."""
+        """The factory options this task was built with (``classes`` as a list or None).
+
+        ``target`` is listed only when it is not the default ``label``, so the descriptions and
+        fingerprints of label tasks recorded before the option existed stay the same.
+        """
+        target = {} if self.target.kind == "label" else {"target": self.target.kind}
         return {
             "classes": list(self.classes) if self.classes is not None else None,
             "image_size": self.image_size,
@@ -81,6 +119,7 @@ class DigitsTask(ClassificationTask):
             "split_seed": self.split_seed,
             "mean": list(self._given_normalization[0]) if self._given_normalization else None,
             "std": list(self._given_normalization[1]) if self._given_normalization else None,
+            **target,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -161,6 +200,7 @@ def digits(
     split_seed: int = 0,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    target: str = "label",
 ) -> DigitsTask:
     """Real handwritten digits 0-9 from scikit-learn (1797 8x8 images, resized), stratified splits.
 
@@ -176,6 +216,8 @@ def digits(
             training split's mean and std, the same for every class subset. Set them to a pretrained
             backbone's normalisation (transferlab does when the backbone loads pretrained weights).
         std: Per-channel standard deviations to divide by.
+        target: What a head predicts: "label" (the digit; primary metric ``accuracy``) or "image"
+            (the input itself, for the ``autoencoder`` and ``vae`` heads; primary metric ``psnr``).
     """
     return DigitsTask(
         classes=check_classes("digits", classes, CLASS_NAMES),
@@ -185,4 +227,5 @@ def digits(
         test_fraction=check_fraction("digits", "test_fraction", test_fraction),
         split_seed=check_int("digits", "split_seed", split_seed, minimum=0, maximum=2**32 - 1),
         normalization=check_normalization("digits", mean, std, channels),
+        target=check_choice("digits", "target", target, TARGETS),
     )

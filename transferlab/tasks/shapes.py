@@ -34,6 +34,9 @@ background 0: per-pixel cross-entropy, mean IoU and pixel accuracy, see
 ``box`` (localisation: the largest shape's box, normalised cx, cy, w, h of its visible pixels, and
 its kind as the class: smooth L1 + GIoU loss, mean IoU ``iou`` and IoU >= 0.5 share ``acc50``, see
 :class:`~transferlab.tasks.localization.BoxObjective`).
+``image`` (reconstruction of the input itself by the ``autoencoder`` and ``vae`` heads: Bernoulli
+cross-entropy, plus beta x KL for a VAE; PSNR (primary), SSIM and, for a VAE, ELBO, see
+:class:`~transferlab.tasks.reconstruction.ReconstructionObjective`).
 
 Class subsets keep the samples whose label (the largest shape) is in ``classes`` and renumber the
 labels, so a split holds fewer samples than its ``*_size`` and the same images for every target. For
@@ -289,7 +292,8 @@ def shapes(
             ``None`` keeps all six.
         target: What a head predicts: "label" (the largest shape's kind) or "mask" (per pixel:
             0 background, i + 1 the i-th kept kind; primary metric ``miou``) or "box" (the
-            largest shape's box and kind; primary metric ``iou``).
+            largest shape's box and kind; primary metric ``iou``) or "image" (the input itself;
+            primary metric ``psnr``).
         image_size: Height and width in pixels (>= 16).
         train_size: Images generated for the training split (before a class subset is applied).
         val_size: Images generated for the validation split.
