@@ -309,18 +309,27 @@ def test_head_with_an_unknown_option_or_no_task(register: Callable[..., None]) -
         and "head 'classify' has no option 'hidden_size'; its options are: hidden, dropout" in result.detail
     )
 
-    class MaskHead(OffByOneHead):
-        target_kinds = ("mask",)
+    class KeypointHead(OffByOneHead):
+        target_kinds = ("keypoints",)
 
-    def masks_only(feature_info, target):  # noqa: ANN001, ANN202
-        return MaskHead(feature_info[-1].channels, 2)
+    def keypoints_only(feature_info, target):  # noqa: ANN001, ANN202
+        return KeypointHead(feature_info[-1].channels, 2)
 
-    register("head", "masks_only", masks_only)
-    results = check_head("masks_only")
+    register("head", "keypoints_only", keypoints_only)
+    results = check_head("keypoints_only")
     assert not results[-1].ok and results[-1].name == "pairs with tasks"
     assert results[-1].detail.startswith(
-        "no task to check it with; target_kinds ('mask',); tried digits (label): built"
+        "no task to check it with; target_kinds ('keypoints',); tried digits (label): built"
     )
+
+
+def test_head_finds_the_target_variant_of_a_task() -> None:
+    """``shapes`` gives labels by default; a mask head is checked on its ``target: mask`` variant."""
+    results = check_head("unet")
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
+    pairs = next(r for r in results if r.name == "pairs with tasks")
+    assert "checked on shapes target=mask" in pairs.detail
+    assert results[-1].name == "loss and metrics of shapes target=mask accept the output"
 
 
 # -- broken tasks ------------------------------------------------------------------------------------

@@ -36,11 +36,12 @@ runs_option = click.option(
 class ProgressPrinter:
     """Shows a progress bar over trials and one line per finished trial."""
 
-    def __init__(self, metric: str) -> None:
+    def __init__(self, metric: str, source_metric: str | None = None) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console()
         self.metric = metric
+        self.source_metric = source_metric  # base net A's metric in a cross-task study
         self.progress = Progress(
             TextColumn("[bold]trials"),
             BarColumn(),
@@ -59,9 +60,11 @@ class ProgressPrinter:
 
     def on_event(self, kind: str, trial: Any, data: dict[str, Any]) -> None:
         name = f"{trial.condition} d{trial.depth} s{trial.seed}"
+        on_source = getattr(trial, "on_source", False) and self.source_metric
+        metric = self.source_metric if on_source else self.metric
         if kind == "epoch":
-            value = data.get(f"val/{self.metric}")
-            shown = f", val {self.metric} {value:.3f}" if isinstance(value, float) else ""
+            value = data.get(f"val/{metric}")
+            shown = f", val {metric} {value:.3f}" if isinstance(value, float) else ""
             self.progress.update(self.task_id, description=f"{name}: epoch {data.get('epoch')}{shown}")
             return
         if kind == "start":
@@ -69,9 +72,9 @@ class ProgressPrinter:
             return
         self.progress.advance(self.task_id)
         if kind == "completed":
-            value = data.get(f"test/{self.metric}")
+            value = data.get(f"test/{metric}")
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-            self.console.print(f"[green]done[/]    {trial.key:<28} test {self.metric} {shown}")
+            self.console.print(f"[green]done[/]    {trial.key:<28} test {metric} {shown}")
         elif kind == "failed":
             self.console.print(f"[red]failed[/]  {trial.key:<28} {data.get('error')}")
         else:
@@ -106,6 +109,12 @@ def _print_plan(vspec: Any, output: str) -> None:
         f"{spec.backbone.name} ({len(vspec.stage_names)} stages: {', '.join(vspec.stage_names)}), "
         f"head {spec.head.name}, task {spec.task.name} (primary metric {vspec.primary_metric})"
     )
+    source = spec.transfer.source if spec.transfer is not None else None
+    if source is not None:
+        out.print(
+            f"base net A (cross-task source): head {source.head.name}, task {source.task.name} "
+            f"(primary metric {vspec.source_primary_metric})"
+        )
     depths = sorted(summary["depth"])
     conditions = list(dict.fromkeys(t.condition for t in trials))
     table = Table(title="trials per condition (rows) and depth (columns)", title_justify="left")
@@ -135,7 +144,7 @@ def validate(spec: str, output: str) -> None:
 def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) -> int:
     from transferlab.service.api import submit as submit_spec
 
-    printer = ProgressPrinter(vspec.primary_metric)
+    printer = ProgressPrinter(vspec.primary_metric, vspec.source_primary_metric)
     try:
         exp_id = submit_spec(
             vspec,

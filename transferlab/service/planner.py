@@ -9,6 +9,10 @@ Transfer study (Yosinski et al. 2014), per class split and seed:
 | BnB / BnB+ | B | baseB (the "selffer" control) | frozen / fine-tuned |
 | random | B | - (random init) | frozen (random features) |
 
+Cross-task transfer (``transfer.source``): baseA trains on the source task with the source head, every
+other trial on the spec's task and head; stages copy across because both tasks feed the backbone the
+same kind of input. Without a class split, A and B are every class of their task.
+
 Ray Tune has no trial dependencies, so the planner owns the graph: each trial has a ``level``
 (0 = needs nothing, 1 = needs a base net) and ``base_key`` names the trial it copies from.
 """
@@ -39,6 +43,8 @@ class PlannedTrial:
     copy_depth: int
     base_key: str | None
     bn_policy: str
+    #: Trained on the spec's ``transfer.source`` task and head (base net A of a cross-task study).
+    on_source: bool = False
 
     @property
     def level(self) -> int:
@@ -50,8 +56,19 @@ class PlannedTrial:
         return f"{experiment}-{self.condition}-d{self.depth}-s{self.seed}{split}"
 
     def config(self, vspec: ValidatedSpec) -> dict[str, Any]:
-        """The plain-dict config a trial runs from (JSON-serialisable; no paths yet)."""
+        """The plain-dict config a trial runs from (JSON-serialisable; no paths yet).
+
+        ``primary_metric`` is the metric of the task this trial trains on: the source task's for
+        base net A of a cross-task study, the experiment's for every other trial.
+        """
         spec = vspec.spec
+        source = spec.transfer.source if spec.transfer is not None and self.on_source else None
+        if source is not None:
+            head, metric = source.head, vspec.source_primary_metric
+            task = {"name": source.task.name, "options": vspec.source_task_options}
+        else:
+            head, metric = spec.head, vspec.primary_metric
+            task = {"name": spec.task.name, "options": vspec.task_options}
         return {
             "trial_key": self.key,
             "role": self.role,
@@ -65,8 +82,9 @@ class PlannedTrial:
             "bn_policy": self.bn_policy,
             "fine_tune_lr_mult": spec.transfer.fine_tune_lr_mult if spec.transfer else 1.0,
             "backbone": {"name": spec.backbone.name, "options": vspec.backbone_options},
-            "head": {"name": spec.head.name, "options": spec.head.options},
-            "task": {"name": spec.task.name, "options": vspec.task_options},
+            "head": {"name": head.name, "options": head.options},
+            "task": task,
+            "primary_metric": metric,
             "train": spec.train.model_dump(),
             "augment": [step.model_dump() for step in spec.augment],  # [] = no augmentation
         }
@@ -119,6 +137,7 @@ def plan_trials(vspec: ValidatedSpec) -> list[PlannedTrial]:
                     0,
                     None,
                     bn,
+                    on_source=spec.transfer.source is not None,
                 ),
                 "baseB": PlannedTrial(
                     _key(split.id, seed, "baseB", 0),

@@ -136,10 +136,26 @@ Depths = Annotated[
 ]
 
 
-class TransferSpec(_Strict):
-    """Yosinski et al. (2014): base nets on A and B, then AnB, AnB+, BnB, BnB+ and random per depth."""
+class TransferSource(_Strict):
+    """The task (and head) base net A trains on when it differs from the target task.
 
-    split: Split
+    Cross-task transfer: baseA learns the source task; AnB and AnB+ copy its first n stages into a
+    net with the target task's head. ``head`` defaults to ``classify``.
+    """
+
+    task: PluginRef
+    head: PluginRef = PluginRef(name="classify")
+
+
+class TransferSpec(_Strict):
+    """Yosinski et al. (2014): base nets on A and B, then AnB, AnB+, BnB, BnB+ and random per depth.
+
+    ``split`` divides the classes into A and B; with a ``source`` task it may be left out, and then A
+    is every class of the source task and B every class of the target task.
+    """
+
+    split: Split | None = None
+    source: TransferSource | None = None
     depths: Depths = "all"
     conditions: list[Condition] = Field(default_factory=lambda: list(CONDITIONS), min_length=1)
     bn: BnPolicy = "frozen"
@@ -158,6 +174,15 @@ class TransferSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"conditions list one twice: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _split_or_source(self) -> TransferSpec:
+        if self.split is None and self.source is None:
+            raise ValueError(
+                "needs a 'split' of the classes into A and B, or a 'source' task for base net A "
+                "(cross-task transfer)"
+            )
+        return self
 
 
 class SingleSpec(_Strict):
@@ -211,11 +236,11 @@ class Spec(_Strict):
 
 @dataclass(frozen=True)
 class ClassSplit:
-    """One A/B split of the task's classes."""
+    """One A/B split of the task's classes; ``None`` means every class (cross-task, no split)."""
 
     id: str
-    a: tuple[int, ...]
-    b: tuple[int, ...]
+    a: tuple[int, ...] | None
+    b: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -235,6 +260,10 @@ class ValidatedSpec:
     task_options: dict[str, Any] = field(default_factory=dict)
     #: The backbone options trials use: the spec's, with file paths made absolute.
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    #: Cross-task transfer: the source task's options (as ``task_options``), primary metric and direction.
+    source_task_options: dict[str, Any] | None = None
+    source_primary_metric: str | None = None
+    source_higher_is_better: bool = True
 
     @property
     def num_stages(self) -> int:
@@ -267,6 +296,8 @@ def _models_in(annotation: Any) -> dict[str | None, type[BaseModel]]:
             tag = next((m.tag for m in metadata if isinstance(m, Tag)), None)
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             models[tag] = arg
+        elif get_args(arg):  # an optional union: ``Split | None``
+            models.update(_models_in(arg))
     return models
 
 

@@ -22,10 +22,25 @@ def _random_split(num_classes: int, seed: int, a_classes: int | None) -> ClassSp
     return ClassSplit(f"random-{seed}", tuple(sorted(classes[:n_a])), tuple(sorted(classes[n_a:])))
 
 
-def _class_splits(spec: Spec, num_classes: int, problems: list[tuple[str, str]]) -> tuple[ClassSplit, ...]:
+def _class_splits(
+    spec: Spec, classes_a: int, classes_b: int, problems: list[tuple[str, str]]
+) -> tuple[ClassSplit, ...]:
+    """The A/B class splits; ``classes_a`` counts the source task's classes (cross-task transfer)."""
     assert spec.transfer is not None
     split = spec.transfer.split
+    if split is None:  # cross-task transfer on every class of both tasks
+        return (ClassSplit("all", None, None),)
+    num_classes = classes_b
     if hasattr(split, "random"):
+        if classes_a != classes_b:
+            problems.append(
+                (
+                    "transfer.split",
+                    f"a random split needs the same classes in both tasks; the source task has "
+                    f"{classes_a} and the target task {classes_b}: give the A and B lists instead",
+                )
+            )
+            return ()
         # Each half trains its own classifier, so each needs at least 2 classes.
         if num_classes < 4:
             problems.append(
@@ -42,13 +57,13 @@ def _class_splits(spec: Spec, num_classes: int, problems: list[tuple[str, str]])
             )
             return ()
         return tuple(_random_split(num_classes, s, split.a_classes) for s in split.seeds)
-    for side in ("A", "B"):
-        bad = [c for c in getattr(split, side) if c >= num_classes]
+    for side, count in (("A", classes_a), ("B", classes_b)):
+        bad = [c for c in getattr(split, side) if c >= count]
         if bad:
             problems.append(
                 (
                     f"transfer.split.{side}",
-                    f"classes {bad} do not exist; the task has classes 0..{num_classes - 1}",
+                    f"classes {bad} do not exist; the task has classes 0..{count - 1}",
                 )
             )
     for side in ("A", "B"):
@@ -86,7 +101,9 @@ def absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_forward(spec: Spec, task: Any, backbone: Any, head: Any, source: str) -> None:
+def _check_forward(
+    spec: Spec, task: Any, backbone: Any, head: Any, source: str, *, head_name: str, loc: str = "task"
+) -> None:
     """Run one input of the task's size through backbone and head, as the trials will.
 
     Images: all zeros of the target's size. Other inputs (token ids, audio frames): the first two
@@ -120,17 +137,24 @@ def _check_forward(spec: Spec, task: Any, backbone: Any, head: Any, source: str)
             source,
             [
                 (
-                    "task",
-                    f"{what} not fit backbone '{spec.backbone.name}' with head '{spec.head.name}': {reason}",
+                    loc,
+                    f"{what} not fit backbone '{spec.backbone.name}' with head '{head_name}': {reason}",
                 )
             ],
         ) from None
 
 
-def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
-    """Check plugin names, options, classes and depths; raise ``SpecError`` listing every problem."""
+def _build_side(
+    spec: Spec, task_ref: Any, head_ref: Any, backbone_options: dict[str, Any], source: str, loc: str
+) -> tuple[Any, dict[str, Any], Any]:
+    """Build one task with the backbone and its head and run an input through them.
+
+    ``loc`` prefixes the fields errors name ("" for the spec's task, "transfer.source." for a source).
+
+    Returns:
+        (task, the task options trials use, backbone).
+    """
     from transferlab.engine.assembly import (
-        backbone_factory,
         build_backbone,
         build_head,
         build_task,
@@ -138,23 +162,11 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         uses_pretrained_weights,
     )
 
-    problems: list[tuple[str, str]] = []
-    for loc, registry, name in (("task.name", TASKS, spec.task.name), ("head.name", HEADS, spec.head.name)):
-        if name not in registry:
-            problems.append((loc, registry.unknown_message(name)))
+    base_task_options = absolute_paths(task_ref.options)
     try:
-        backbone_factory(spec.backbone.name)
-    except UnknownPluginError as exc:
-        problems.append(("backbone.name", str(exc)))
-    if problems:
-        raise SpecError(source, problems)
-
-    base_task_options = absolute_paths(spec.task.options)
-    backbone_options = absolute_paths(spec.backbone.options)
-    try:
-        task = build_task(spec.task.name, base_task_options)
+        task = build_task(task_ref.name, base_task_options)
     except (TypeError, ValueError) as exc:
-        raise SpecError(source, [("task", str(exc))]) from None
+        raise SpecError(source, [(f"{loc}task", str(exc))]) from None
     # Validation never loads or downloads weights: it only needs the stages' shapes.
     options = {
         **backbone_options,
@@ -165,26 +177,74 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise SpecError(source, [("backbone", str(exc))]) from None
     try:
-        head = build_head(spec.head.name, spec.head.options, backbone.feature_info, task.target)
+        head = build_head(head_ref.name, head_ref.options, backbone.feature_info, task.target)
     except (TypeError, ValueError, KeyError) as exc:
-        raise SpecError(source, [("head", str(exc))]) from None
+        raise SpecError(source, [(f"{loc}head", str(exc))]) from None
     task_options = dict(base_task_options)
     if uses_pretrained_weights(backbone_options):
-        task_options = pretrained_task_options(
-            spec.task.name, task_options, task.target, backbone.data_config
-        )
+        task_options = pretrained_task_options(task_ref.name, task_options, task.target, backbone.data_config)
         if task_options != base_task_options:  # rebuild for the pretrained model's input
             try:
-                task = build_task(spec.task.name, task_options)
+                task = build_task(task_ref.name, task_options)
             except (TypeError, ValueError) as exc:
                 raise SpecError(
-                    source, [("task", f"with the pretrained model's input settings: {exc}")]
+                    source, [(f"{loc}task", f"with the pretrained model's input settings: {exc}")]
                 ) from None
-    _check_forward(spec, task, backbone, head, source)
+    _check_forward(spec, task, backbone, head, source, head_name=head_ref.name, loc=f"{loc}task")
+    return task, task_options, backbone
+
+
+def _check_source(spec: Spec, task: Any, source_task: Any, problems: list[tuple[str, str]]) -> None:
+    """A source task must feed the backbone the same kind of input as the target task."""
+    assert spec.transfer is not None and spec.transfer.source is not None
+    mine, theirs = task.target, source_task.target
+    if (theirs.input_key, theirs.in_channels) != (mine.input_key, mine.in_channels):
+        problems.append(
+            (
+                "transfer.source.task",
+                f"'{spec.transfer.source.task.name}' feeds the backbone {theirs.in_channels}-channel "
+                f"'{theirs.input_key}' inputs but '{spec.task.name}' {mine.in_channels}-channel "
+                f"'{mine.input_key}' inputs; copied stages need the same kind of input",
+            )
+        )
+
+
+def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
+    """Check plugin names, options, classes and depths; raise ``SpecError`` listing every problem."""
+    from transferlab.engine.assembly import backbone_factory
+
+    problems: list[tuple[str, str]] = []
+    refs = [("task.name", TASKS, spec.task.name), ("head.name", HEADS, spec.head.name)]
+    cross = spec.transfer.source if spec.transfer is not None else None
+    if cross is not None:
+        refs += [
+            ("transfer.source.task.name", TASKS, cross.task.name),
+            ("transfer.source.head.name", HEADS, cross.head.name),
+        ]
+    for loc, registry, name in refs:
+        if name not in registry:
+            problems.append((loc, registry.unknown_message(name)))
+    try:
+        backbone_factory(spec.backbone.name)
+    except UnknownPluginError as exc:
+        problems.append(("backbone.name", str(exc)))
+    if problems:
+        raise SpecError(source, problems)
+
+    backbone_options = absolute_paths(spec.backbone.options)
+    task, task_options, backbone = _build_side(spec, spec.task, spec.head, backbone_options, source, "")
+    source_task, source_task_options = task, None
+    if cross is not None:
+        source_task, source_task_options, _ = _build_side(
+            spec, cross.task, cross.head, backbone_options, source, "transfer.source."
+        )
+        _check_source(spec, task, source_task, problems)
     if spec.augment:  # albumentations transforms of every trial's training split
         from transferlab.engine.augment import check_augmentation
 
-        problems += check_augmentation([step.model_dump() for step in spec.augment], task)
+        steps = [step.model_dump() for step in spec.augment]
+        for checked in dict.fromkeys((task, source_task)):  # base net A's source task trains with it too
+            problems += [p for p in check_augmentation(steps, checked) if p not in problems]
     if spec.train.device.startswith("cuda") and spec.resources.gpu == 0:
         problems.append(
             (
@@ -207,7 +267,7 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     depths: tuple[int, ...] = ()
     splits: tuple[ClassSplit, ...] = ()
     if spec.transfer is not None:
-        splits = _class_splits(spec, num_classes, problems)
+        splits = _class_splits(spec, source_task.num_selectable_classes, num_classes, problems)
         if spec.transfer.depths == "all":
             depths = tuple(range(1, len(stage_names) + 1))
         else:
@@ -236,4 +296,7 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
         higher_is_better=task.higher_is_better,
         task_options=task_options,
         backbone_options=backbone_options,
+        source_task_options=source_task_options,
+        source_primary_metric=source_task.primary_metric if cross is not None else None,
+        source_higher_is_better=source_task.higher_is_better,
     )

@@ -44,6 +44,7 @@ class _Pairing:
     backbone: Backbone
     head: nn.Module | None = None
     error: str = ""
+    variant: bool = False  # built with a ``target`` option other than the task's default
 
 
 def check_head(
@@ -96,7 +97,7 @@ def _pair(
         except Exception as exc:  # noqa: BLE001 - a broken task is not the head's fault
             skipped.append(f"{label} (the task fails: {describe_error(exc)})")
             continue
-        pairing = _Pairing(label, task, batch, backbone)
+        pairing = _Pairing(label, task, batch, backbone, variant=bool(task_options))
         try:
             pairing.head = factory(backbone.feature_info, task.target, **options)
         except Exception as exc:  # noqa: BLE001 - reported by the checks
@@ -139,6 +140,8 @@ def _compatible(
     """The pairings whose target kind the head declares (all of them if it declares none)."""
     built = [p.head for p in pairings if p.head is not None]
     declared = tuple(getattr(built[0], "target_kinds", ())) if built else ()
+    # A task's extra target variants (``shapes target=mask``) are only tried for a head of that kind.
+    pairings = [p for p in pairings if not p.variant or p.task.target.kind in declared]
     if explicit or not declared:
         compatible = pairings
     else:
