@@ -235,8 +235,15 @@ TASKS: Registry[Callable[..., object]] = Registry(
     ),
 )
 
+WEIGHTINGS: Registry[Callable[..., object]] = Registry(
+    "weighting",
+    entry_point_group="transferlab.weightings",
+    builtin_modules=("transferlab.engine.weightings",),
+)
+
 REGISTRIES: dict[str, Registry[Callable[..., object]]] = {
     "backbone": BACKBONES,
     "head": HEADS,
     "task": TASKS,
+    "weighting": WEIGHTINGS,
 }

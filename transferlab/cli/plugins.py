@@ -9,6 +9,8 @@ import click
 from transferlab.cli.options import console, parse_options
 
 KINDS = ("backbone", "head", "task")
+#: ``plugins list`` shows every registry; ``plugins check`` has contract checks for KINDS only.
+LIST_KINDS = (*KINDS, "weighting")
 
 
 @click.group()
@@ -17,13 +19,13 @@ def plugins() -> None:
 
 
 @plugins.command("list")
-@click.option("--kind", type=click.Choice(KINDS), default=None, help="Only this kind.")
+@click.option("--kind", type=click.Choice(LIST_KINDS), default=None, help="Only this kind.")
 @click.option("--output", "-O", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def list_plugins(kind: str | None, output: str) -> None:
     """Name, kind, source package and description of every plugin; failed imports are listed too."""
     from transferlab.registry import REGISTRIES
 
-    kinds = [kind] if kind else list(KINDS)
+    kinds = [kind] if kind else list(LIST_KINDS)
     rows, failures = [], []
     for k in kinds:
         registry = REGISTRIES[k]

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from transferlab.engine.assembly import build_model, build_task
 from transferlab.engine.checkpoint import load_backbone_stages
@@ -46,6 +47,18 @@ def fit_config(config: dict[str, Any], num_stages: int) -> FitConfig:
     return FitConfig(**train)
 
 
+def copy_base_stages(model: nn.Module, config: dict[str, Any]) -> list[str]:
+    """Copy the trial's ``copy_depth`` first stages from its ``base_checkpoint``; the names copied."""
+    if not config.get("copy_depth"):
+        return []
+    base = config.get("base_checkpoint")
+    if not base:
+        raise ValueError(
+            f"trial {config.get('trial_key')} copies {config['copy_depth']} stages but has no base checkpoint"
+        )
+    return load_backbone_stages(model, base, int(config["copy_depth"]))
+
+
 def run_trial(
     config: dict[str, Any],
     *,
@@ -64,6 +77,12 @@ def run_trial(
     Returns:
         The fit result and facts for provenance (data hash, copied tensors).
     """
+    if config.get("study") == "multitask":
+        from transferlab.engine.multitask import run_multitask_trial
+
+        return run_multitask_trial(
+            config, checkpoint_path=checkpoint_path, on_epoch=on_epoch, threads=threads
+        )
     if threads:
         torch.set_num_threads(max(1, int(threads)))
     seed_everything(init_seed(config))
@@ -75,15 +94,7 @@ def run_trial(
         freeze_depth=int(config.get("freeze_depth", 0)),
         bn_policy=config.get("bn_policy", "frozen"),
     )
-    copied: list[str] = []
-    if config.get("copy_depth"):
-        base = config.get("base_checkpoint")
-        if not base:
-            raise ValueError(
-                f"trial {config.get('trial_key')} copies {config['copy_depth']} stages "
-                "but has no base checkpoint"
-            )
-        copied = load_backbone_stages(model, base, int(config["copy_depth"]))
+    copied = copy_base_stages(model, config)
     facts = {
         "data_hash": task.fingerprint(),
         "copied_tensors": len(copied),
