@@ -120,8 +120,8 @@ BAD_VALUES = [
         id="single-classes-out-of-range",
     ),
     pytest.param(
-        {"study": "multitask"},
-        ["study: Input should be 'transfer' or 'single' (got 'multitask')"],
+        {"study": "multitasking"},
+        ["study: Input should be 'transfer', 'single' or 'multitask' (got 'multitasking')"],
         id="bad-study",
     ),
     pytest.param(

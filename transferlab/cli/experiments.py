@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -34,14 +35,19 @@ runs_option = click.option(
 
 
 class ProgressPrinter:
-    """Shows a progress bar over trials and one line per finished trial."""
+    """Shows a progress bar over trials and one line per finished trial.
 
-    def __init__(self, metric: str, source_metric: str | None = None) -> None:
+    ``configs`` maps trial keys to their configs: each trial's line shows its own primary metric
+    (base net A of a cross-task study, a multitask study's single-task baselines), and a multitask
+    trial's line adds each task's primary test metric beside its score.
+    """
+
+    def __init__(self, metric: str, configs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console()
         self.metric = metric
-        self.source_metric = source_metric  # base net A's metric in a cross-task study
+        self.configs = dict(configs or {})
         self.progress = Progress(
             TextColumn("[bold]trials"),
             BarColumn(),
@@ -53,6 +59,20 @@ class ProgressPrinter:
         )
         self.task_id: Any = None
 
+    def _metric(self, key: str) -> str:
+        return str(self.configs.get(key, {}).get("primary_metric") or self.metric)
+
+    def _test_line(self, key: str, data: Mapping[str, Any]) -> str:
+        """``test accuracy 0.9120``; a multitask trial: ``test score 0.71 (cls accuracy 0.91, ...)``."""
+        metric = self._metric(key)
+        text = f"test {metric} {_number(data.get(f'test/{metric}'))}"
+        task_metrics = self.configs.get(key, {}).get("task_metrics") or {}
+        parts = []
+        for task, facts in task_metrics.items():
+            name = facts["primary_metric"]
+            parts.append(f"{task} {name} {_number(data.get(f'test/{task}/{name}'))}")
+        return f"{text} ({', '.join(parts)})" if parts else text
+
     def on_created(self, experiment_id: int, trials: list) -> None:
         self.console.print(f"experiment [bold]{experiment_id}[/]: {len(trials)} trials to run")
         self.task_id = self.progress.add_task("starting Ray", total=len(trials))
@@ -60,8 +80,7 @@ class ProgressPrinter:
 
     def on_event(self, kind: str, trial: Any, data: dict[str, Any]) -> None:
         name = f"{trial.condition} d{trial.depth} s{trial.seed}"
-        on_source = getattr(trial, "on_source", False) and self.source_metric
-        metric = self.source_metric if on_source else self.metric
+        metric = self._metric(trial.key)
         if kind == "epoch":
             value = data.get(f"val/{metric}")
             shown = f", val {metric} {value:.3f}" if isinstance(value, float) else ""
@@ -72,9 +91,7 @@ class ProgressPrinter:
             return
         self.progress.advance(self.task_id)
         if kind == "completed":
-            value = data.get(f"test/{metric}")
-            shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-            self.console.print(f"[green]done[/]    {trial.key:<28} test {metric} {shown}")
+            self.console.print(f"[green]done[/]    {trial.key:<28} {self._test_line(trial.key, data)}")
         elif kind == "failed":
             self.console.print(f"[red]failed[/]  {trial.key:<28} {data.get('error')}")
         else:
@@ -83,6 +100,10 @@ class ProgressPrinter:
     def stop(self) -> None:
         if self.task_id is not None:  # never started when the study was refused before running
             self.progress.stop()
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def _print_plan(vspec: Any, output: str) -> None:
@@ -98,17 +119,32 @@ def _print_plan(vspec: Any, output: str) -> None:
             "stages": list(vspec.stage_names),
             **{k: {str(kk): vv for kk, vv in v.items()} for k, v in summary.items()},
         }
+        if vspec.multitask_tasks:
+            data["tasks"] = {
+                key: {"task": f.task_name, "head": f.head_name, "primary_metric": f.primary_metric}
+                for key, f in vspec.multitask_tasks.items()
+            }
         click.echo(json.dumps(data, indent=2))
         return
     from rich.table import Table
 
     out = console()
     spec = vspec.spec
-    out.print(
+    trunk = (
         f"[bold]{spec.name}[/] ({spec.study} study): [bold]{len(trials)}[/] trials; backbone "
-        f"{spec.backbone.name} ({len(vspec.stage_names)} stages: {', '.join(vspec.stage_names)}), "
-        f"head {spec.head.name}, task {spec.task.name} (primary metric {vspec.primary_metric})"
+        f"{spec.backbone.name} ({len(vspec.stage_names)} stages: {', '.join(vspec.stage_names)})"
     )
+    if vspec.multitask_tasks:
+        out.print(f"{trunk}, shared by {len(vspec.multitask_tasks)} tasks (model selection: val score)")
+        for key, f in vspec.multitask_tasks.items():
+            target = f.task_options.get("target")
+            task = f"{f.task_name} ({target})" if target else f.task_name
+            out.print(f"  {key}: task {task}, head {f.head_name} (primary metric {f.primary_metric})")
+    else:
+        out.print(
+            f"{trunk}, head {spec.head.name}, task {spec.study_task.name} "
+            f"(primary metric {vspec.primary_metric})"
+        )
     source = spec.transfer.source if spec.transfer is not None else None
     if source is not None:
         out.print(
@@ -117,7 +153,11 @@ def _print_plan(vspec: Any, output: str) -> None:
         )
     depths = sorted(summary["depth"])
     conditions = list(dict.fromkeys(t.condition for t in trials))
-    table = Table(title="trials per condition (rows) and depth (columns)", title_justify="left")
+    title = "trials per condition (rows) and depth (columns)"
+    if vspec.multitask_tasks:
+        title = "trials per weighting or single:<task> baseline (rows) and freeze depth (columns)"
+    out.print(title, highlight=False)  # above the table, not its title: a title wraps at its width
+    table = Table()
     table.add_column("condition")
     for d in depths:
         table.add_column(f"d{d}", justify="right")
@@ -143,8 +183,9 @@ def validate(spec: str, output: str) -> None:
 
 def _run(vspec: Any, db: str | None, address: str | None, runs_dir: str | None) -> int:
     from transferlab.service.api import submit as submit_spec
+    from transferlab.service.planner import plan_trials
 
-    printer = ProgressPrinter(vspec.primary_metric, vspec.source_primary_metric)
+    printer = ProgressPrinter(vspec.primary_metric, {t.key: t.config(vspec) for t in plan_trials(vspec)})
     try:
         exp_id = submit_spec(
             vspec,
@@ -178,10 +219,11 @@ def resume(
     apply_shared_runs(shared_runs_dir)
     store = open_store(db, create=False)
     try:
-        metric = store.find_experiment(experiment).primary_metric
+        info = store.find_experiment(experiment)
+        configs = {t.key: t.config for t in store.trials(info.id)}
     finally:
         store.close()
-    printer = ProgressPrinter(metric)
+    printer = ProgressPrinter(info.primary_metric, configs)
     try:
         exp_id = resume_experiment(
             experiment, db=db, address=address, on_event=printer.on_event, on_created=printer.on_created
@@ -200,8 +242,9 @@ def _summarise(exp_id: int, db: str | None, plot_path: str | None) -> None:
     if plot_path:
         from transferlab.service.api import plot
 
-        plot(exp_id, plot_path, db=db)
-        console().print(f"figure written to [bold]{plot_path}[/]")
+        written = plot(exp_id, plot_path, db=db)
+        noun = "figure" if len(written) == 1 else "figures"
+        console().print(f"{noun} written to {', '.join(f'[bold]{p}[/]' for p in written)}")
     store = open_store(db, create=False)
     try:
         info = store.find_experiment(exp_id)

@@ -11,14 +11,19 @@ from transferlab.cli.options import console, db_option, output_option, print_fra
 
 
 def show_results(experiment: str, db: str | None, output: str) -> None:
-    """Print the depth x condition table of an experiment."""
+    """Print the depth x condition table of an experiment (a multitask study: tasks x weightings)."""
     from transferlab.service.api import open_store
     from transferlab.service.report import format_results, pivot_results, results_frame
 
     store = open_store(db, create=False)
     try:
         info = store.find_experiment(experiment)
-        frame = results_frame(store, info.id)
+        if info.study == "multitask":
+            from transferlab.service.report_multitask import multitask_frame
+
+            frame = multitask_frame(store, info.id)
+        else:
+            frame = results_frame(store, info.id)
         counts = store.trial_counts(info.id)
     finally:
         store.close()
@@ -27,6 +32,12 @@ def show_results(experiment: str, db: str | None, output: str) -> None:
             f"experiment {info.id} ({info.name}, {info.status}) has no completed trials "
             f"(trials by status: {counts})"
         )
+    if info.study == "multitask":
+        from transferlab.service.report_multitask import format_multitask
+
+        title = f"{info.name} (experiment {info.id}): multitask vs single-task, test metric per task"
+        click.echo(format_multitask(frame, output, title=title), nl=False)
+        return
     pivot = pivot_results(frame, info.higher_is_better)
     click.echo(
         format_results(
@@ -139,11 +150,18 @@ def results(experiment: str, db: str | None, output: str) -> None:
 )
 @db_option
 def plot(experiment: str, path: str, db: str | None) -> None:
-    """Write EXPERIMENT's figure: target accuracy against depth n, one marker per condition."""
+    """Write EXPERIMENT's figure: target accuracy against depth n, one marker per condition.
+
+    A multitask study gets three: OUT (each task's metric by weighting), OUT-weights.png (task
+    weights over epochs) and OUT-change.png (change over single-task training, as a heatmap).
+    """
     from transferlab.service.api import plot as plot_experiment
 
-    plot_experiment(experiment, path, db=db)
-    console().print(f"figure written to [bold]{path}[/]")
+    written = plot_experiment(experiment, path, db=db)
+    console().print(
+        f"{'figure' if len(written) == 1 else 'figures'} written to "
+        + ", ".join(f"[bold]{p}[/]" for p in written)
+    )
 
 
 @click.command()

@@ -114,12 +114,25 @@ def submit_text(text: str, source: str = "<spec>", **kwargs: Any) -> int:
 
 
 def results(experiment: str | int, *, db: str | None = None) -> Any:
-    """One row per completed trial with its primary test metric, as a pandas DataFrame."""
-    from transferlab.service.report import results_frame
+    """The experiment's results as a pandas DataFrame.
 
+    Transfer and single studies: one row per completed trial with its primary test metric
+    (``transferlab.service.report.results_frame``). Multitask studies: one row per (task, weighting,
+    freeze depth) with the multitask and single-task test values (mean, std, n over seeds), the
+    relative change in percent (positive = better than the task alone), a negative-transfer flag and
+    the weighting's mean change over tasks, Delta_m
+    (``transferlab.service.report_multitask.multitask_frame``).
+    """
     store = open_store(db, create=False)
     try:
-        return results_frame(store, store.find_experiment(experiment).id)
+        info = store.find_experiment(experiment)
+        if info.study == "multitask":
+            from transferlab.service.report_multitask import multitask_frame
+
+            return multitask_frame(store, info.id)
+        from transferlab.service.report import results_frame
+
+        return results_frame(store, info.id)
     finally:
         store.close()
 
@@ -143,18 +156,30 @@ def query(sql: str, *, db: str | None = None, timeout_s: float = 30.0) -> Any:
     return run_readonly_query(db, sql, timeout_s=timeout_s)
 
 
-def plot(experiment: str | int, path: str | Path, *, db: str | None = None) -> Path:
-    """Write the experiment's figure (accuracy against depth for a transfer study) as a PNG."""
+def plot(experiment: str | int, path: str | Path, *, db: str | None = None) -> list[Path]:
+    """Write the experiment's figures as PNGs and return their paths.
+
+    A transfer or single study: one figure at ``path`` (accuracy against depth). A multitask study:
+    three, ``path`` (each task's metric by weighting against the task alone), ``<stem>-weights.png``
+    (the task weights over epochs) and ``<stem>-change.png`` (the relative-change heatmap).
+    """
     from transferlab.service.report import plot_transfer, results_frame
 
     store = open_store(db, create=False)
     try:
         info = store.find_experiment(experiment)
+        title = f"{info.name} (experiment {info.id})"
+        if info.study == "multitask":
+            from transferlab.service.plot_multitask import plot_multitask, weights_frame
+            from transferlab.service.report_multitask import multitask_frame
+
+            frame, weights = multitask_frame(store, info.id), weights_frame(store, info.id)
+            return plot_multitask(frame, weights, path, title=title)
         frame = results_frame(store, info.id)
     finally:
         store.close()
-    plot_transfer(frame, path, title=f"{info.name} (experiment {info.id})", metric_name=info.primary_metric)
-    return Path(path)
+    plot_transfer(frame, path, title=title, metric_name=info.primary_metric)
+    return [Path(path)]
 
 
 def inspect(name: str, input_shape: str = "3x224x224", options: dict[str, Any] | None = None) -> Any:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 import reprlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -193,15 +195,103 @@ class SingleSpec(_Strict):
     classes: list[Annotated[int, Field(ge=0)]] | None = None
 
 
+#: The longest trial condition the store keeps (its ``trials.condition`` column).
+CONDITION_MAX_LENGTH = 16
+#: A multitask task key: it names the task in trial conditions (``single:<key>``, at most
+#: ``CONDITION_MAX_LENGTH`` characters) and in metric names (``val/<key>/miou``, ``train/weight/<key>``).
+TASK_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,8}$")
+SINGLE_PREFIX = "single:"
+#: A multitask trial's model-selection metric: the mean over tasks of (+/-) each primary metric.
+MULTITASK_METRIC = "score"
+#: Keys that would read as the combined metrics beside the per-task ones (``train/weight/<key>``, ``score``).
+RESERVED_TASK_KEYS = ("weight", "score")
+
+
+class MultitaskTask(_Strict):
+    """One task of a multitask study and the head that predicts its target."""
+
+    task: PluginRef
+    head: PluginRef = PluginRef(name="classify")
+
+
+class MultitaskSpec(_Strict):
+    """One shared backbone, one head per task, trained jointly under each loss weighting.
+
+    ``single_task_baselines`` adds each task trained alone on the same backbone, depth, seed and
+    budget, so the results can report every task's change over single-task training.
+    """
+
+    tasks: dict[str, MultitaskTask]
+    weightings: list[PluginRef] = Field(
+        default_factory=lambda: [PluginRef(name="equal")], min_length=1, max_length=64
+    )
+    single_task_baselines: bool = True
+    freeze_depths: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    bn: BnPolicy = "frozen"
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_keys(cls, value: dict[str, MultitaskTask]) -> dict[str, MultitaskTask]:
+        bad = [k for k in value if not TASK_KEY.match(k)]
+        if bad:
+            raise ValueError(
+                f"task keys {bad} are not allowed: a key is a letter then up to 8 letters, digits or "
+                "'_' (it names the task in conditions such as 'single:<key>' and in metric names)"
+            )
+        reserved = [k for k in value if k in RESERVED_TASK_KEYS]
+        if reserved:
+            raise ValueError(
+                f"task keys {reserved} are reserved (metric names use {', '.join(RESERVED_TASK_KEYS)}); "
+                "choose another"
+            )
+        if len(value) < 2:
+            raise ValueError(
+                f"a multitask study needs at least 2 tasks, got {len(value)} ({', '.join(value) or 'none'}); "
+                "one task alone is a 'single' study"
+            )
+        return value
+
+    @field_validator("freeze_depths")
+    @classmethod
+    def _unique_depths(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"freeze_depths list one twice: {value}")
+        return value
+
+    @field_validator("weightings")
+    @classmethod
+    def _unique_weightings(cls, value: list[PluginRef]) -> list[PluginRef]:
+        dumped = [w.model_dump() for w in value]
+        twice = [w.name for i, w in enumerate(value) if dumped[i] in dumped[:i]]
+        if twice:
+            raise ValueError(f"weightings list {twice} twice with the same options; each runs once")
+        return value
+
+    def weighting_conditions(self) -> list[str]:
+        """The condition each weighting's trials are recorded under, in the order listed.
+
+        A weighting's name, with ``-1``, ``-2``, ... when a name is listed more than once (two
+        ``fixed`` weightings with different weights become ``fixed-1`` and ``fixed-2``).
+        """
+        counts = Counter(w.name for w in self.weightings)
+        seen: Counter[str] = Counter()
+        conditions = []
+        for w in self.weightings:
+            seen[w.name] += 1
+            conditions.append(w.name if counts[w.name] == 1 else f"{w.name}-{seen[w.name]}")
+        return conditions
+
+
 class Spec(_Strict):
     """A whole experiment."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
-    study: Literal["transfer", "single"]
+    study: Literal["transfer", "single", "multitask"]
     backbone: PluginRef
+    #: The head and task of a transfer or single study; a multitask study names one per task instead.
     head: PluginRef = PluginRef(name="classify")
-    task: PluginRef
+    task: PluginRef | None = None
     train: TrainSpec = TrainSpec()
     #: Albumentations transforms for the training split (docs/augmentation.md): a name, or a name with
     #: the transform's parameters; checked against albumentations by ``spec_checks``.
@@ -213,6 +303,7 @@ class Spec(_Strict):
     max_failures: int = Field(0, ge=0, le=100)
     transfer: TransferSpec | None = None
     single: SingleSpec | None = None
+    multitask: MultitaskSpec | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -223,15 +314,33 @@ class Spec(_Strict):
 
     @model_validator(mode="after")
     def _study_section(self) -> Spec:
+        for section in ("transfer", "single", "multitask"):
+            if section != self.study and getattr(self, section) is not None:
+                raise ValueError(f"a '{section}' section only belongs to study '{section}'")
         if self.study == "transfer" and self.transfer is None:
             raise ValueError("study 'transfer' needs a 'transfer' section (split, depths, conditions)")
-        if self.study == "transfer" and self.single is not None:
-            raise ValueError("a 'single' section only belongs to study 'single'")
-        if self.study == "single" and self.transfer is not None:
-            raise ValueError("a 'transfer' section only belongs to study 'transfer'")
+        if self.study == "multitask":
+            if self.multitask is None:
+                raise ValueError("study 'multitask' needs a 'multitask' section (tasks, weightings)")
+            given = [k for k in ("task", "head") if k in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"a multitask study names its tasks and heads under 'multitask.tasks' "
+                    f"(each key: {{task: ..., head: ...}}); remove the top-level {' and '.join(given)}"
+                )
+            return self
+        if self.task is None:
+            raise ValueError(f"study '{self.study}' needs a 'task'")
         if self.study == "single" and self.single is None:
             self.single = SingleSpec()
         return self
+
+    @property
+    def study_task(self) -> PluginRef:
+        """The task of a transfer or single study (a multitask study has one per key)."""
+        if self.task is None:
+            raise ValueError(f"a {self.study} study has no top-level task")
+        return self.task
 
 
 @dataclass(frozen=True)
@@ -241,6 +350,19 @@ class ClassSplit:
     id: str
     a: tuple[int, ...] | None
     b: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """One task of a multitask study as its trials use it."""
+
+    task_name: str
+    #: The spec's task options with paths made absolute (and a pretrained backbone's input settings).
+    task_options: dict[str, Any]
+    head_name: str
+    head_options: dict[str, Any]
+    primary_metric: str
+    higher_is_better: bool
 
 
 @dataclass(frozen=True)
@@ -264,6 +386,8 @@ class ValidatedSpec:
     source_task_options: dict[str, Any] | None = None
     source_primary_metric: str | None = None
     source_higher_is_better: bool = True
+    #: Multitask study: each task key's task, head, primary metric and direction, in spec order.
+    multitask_tasks: dict[str, TaskFacts] = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:

@@ -14,6 +14,8 @@ from transferlab.registry import HEADS, TASKS, UnknownPluginError
 from transferlab.service.spec import ClassSplit, Spec, ValidatedSpec
 from transferlab.service.spec_yaml import SpecError
 
+Problems = list[tuple[str, str]]
+
 
 def _random_split(num_classes: int, seed: int, a_classes: int | None) -> ClassSplit:
     classes = list(range(num_classes))
@@ -72,7 +74,7 @@ def _class_splits(
     return (ClassSplit("given", tuple(split.A), tuple(split.B)),)
 
 
-def _check_depths(
+def check_depths(
     loc: str, depths: list[int], stage_names: tuple[str, ...], backbone: str, problems: list[tuple[str, str]]
 ) -> None:
     n = len(stage_names)
@@ -144,7 +146,7 @@ def _check_forward(
         ) from None
 
 
-def _build_side(
+def build_side(
     spec: Spec, task_ref: Any, head_ref: Any, backbone_options: dict[str, Any], source: str, loc: str
 ) -> tuple[Any, dict[str, Any], Any]:
     """Build one task with the backbone and its head and run an input through them.
@@ -203,27 +205,17 @@ def _check_source(spec: Spec, task: Any, source_task: Any, problems: list[tuple[
             (
                 "transfer.source.task",
                 f"'{spec.transfer.source.task.name}' feeds the backbone {theirs.in_channels}-channel "
-                f"'{theirs.input_key}' inputs but '{spec.task.name}' {mine.in_channels}-channel "
+                f"'{theirs.input_key}' inputs but '{spec.study_task.name}' {mine.in_channels}-channel "
                 f"'{mine.input_key}' inputs; copied stages need the same kind of input",
             )
         )
 
 
-def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
-    """Check plugin names, options, classes and depths; raise ``SpecError`` listing every problem."""
+def check_plugin_names(spec: Spec, refs: list[tuple[str, Any, str]], source: str) -> None:
+    """Raise ``SpecError`` naming each unregistered (loc, registry, name) and an unknown backbone."""
     from transferlab.engine.assembly import backbone_factory
 
-    problems: list[tuple[str, str]] = []
-    refs = [("task.name", TASKS, spec.task.name), ("head.name", HEADS, spec.head.name)]
-    cross = spec.transfer.source if spec.transfer is not None else None
-    if cross is not None:
-        refs += [
-            ("transfer.source.task.name", TASKS, cross.task.name),
-            ("transfer.source.head.name", HEADS, cross.head.name),
-        ]
-    for loc, registry, name in refs:
-        if name not in registry:
-            problems.append((loc, registry.unknown_message(name)))
+    problems = [(loc, registry.unknown_message(name)) for loc, registry, name in refs if name not in registry]
     try:
         backbone_factory(spec.backbone.name)
     except UnknownPluginError as exc:
@@ -231,20 +223,10 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
     if problems:
         raise SpecError(source, problems)
 
-    backbone_options = absolute_paths(spec.backbone.options)
-    task, task_options, backbone = _build_side(spec, spec.task, spec.head, backbone_options, source, "")
-    source_task, source_task_options = task, None
-    if cross is not None:
-        source_task, source_task_options, _ = _build_side(
-            spec, cross.task, cross.head, backbone_options, source, "transfer.source."
-        )
-        _check_source(spec, task, source_task, problems)
-    if spec.augment:  # albumentations transforms of every trial's training split
-        from transferlab.engine.augment import check_augmentation
 
-        steps = [step.model_dump() for step in spec.augment]
-        for checked in dict.fromkeys((task, source_task)):  # base net A's source task trains with it too
-            problems += [p for p in check_augmentation(steps, checked) if p not in problems]
+def check_training(spec: Spec, stage_names: tuple[str, ...]) -> Problems:
+    """Problems of the train section that depend on the backbone: per-stage multipliers, the device."""
+    problems: Problems = []
     if spec.train.device.startswith("cuda") and spec.resources.gpu == 0:
         problems.append(
             (
@@ -252,9 +234,6 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
                 f"'{spec.train.device}' needs resources.gpu > 0: Ray hides GPUs from trials without one",
             )
         )
-
-    stage_names = tuple(backbone.feature_info.names)
-    num_classes = task.num_selectable_classes
     lr_mult = spec.train.stage_lr_mult
     if lr_mult is not None and len(lr_mult) != len(stage_names):
         problems.append(
@@ -264,6 +243,43 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
                 f"({', '.join(stage_names)}), got {len(lr_mult)}",
             )
         )
+    return problems
+
+
+def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
+    """Check plugin names, options, classes and depths; raise ``SpecError`` listing every problem."""
+    if spec.study == "multitask":
+        from transferlab.service.multitask_checks import check_multitask
+
+        return check_multitask(spec, text, source)
+    problems: Problems = []
+    spec_task = spec.study_task
+    refs = [("task.name", TASKS, spec_task.name), ("head.name", HEADS, spec.head.name)]
+    cross = spec.transfer.source if spec.transfer is not None else None
+    if cross is not None:
+        refs += [
+            ("transfer.source.task.name", TASKS, cross.task.name),
+            ("transfer.source.head.name", HEADS, cross.head.name),
+        ]
+    check_plugin_names(spec, refs, source)
+
+    backbone_options = absolute_paths(spec.backbone.options)
+    task, task_options, backbone = build_side(spec, spec_task, spec.head, backbone_options, source, "")
+    source_task, source_task_options = task, None
+    if cross is not None:
+        source_task, source_task_options, _ = build_side(
+            spec, cross.task, cross.head, backbone_options, source, "transfer.source."
+        )
+        _check_source(spec, task, source_task, problems)
+    if spec.augment:  # albumentations transforms of every trial's training split
+        from transferlab.engine.augment import check_augmentation
+
+        steps = [step.model_dump() for step in spec.augment]
+        for checked in dict.fromkeys((task, source_task)):  # base net A's source task trains with it too
+            problems += [p for p in check_augmentation(steps, checked) if p not in problems]
+    stage_names = tuple(backbone.feature_info.names)
+    num_classes = task.num_selectable_classes
+    problems += check_training(spec, stage_names)
     depths: tuple[int, ...] = ()
     splits: tuple[ClassSplit, ...] = ()
     if spec.transfer is not None:
@@ -272,9 +288,9 @@ def check_spec(spec: Spec, text: str, source: str) -> ValidatedSpec:
             depths = tuple(range(1, len(stage_names) + 1))
         else:
             depths = tuple(sorted(spec.transfer.depths))
-            _check_depths("transfer.depths", list(depths), stage_names, spec.backbone.name, problems)
+            check_depths("transfer.depths", list(depths), stage_names, spec.backbone.name, problems)
     if spec.single is not None:
-        _check_depths(
+        check_depths(
             "single.freeze_depth", [spec.single.freeze_depth], stage_names, spec.backbone.name, problems
         )
         bad = [c for c in spec.single.classes or [] if c >= num_classes]
