@@ -111,6 +111,21 @@ def test_experiment_trials_and_metrics_round_trip(store: Store) -> None:
     assert store.metrics_frame(exp_id, split="test", name="loss").empty
 
 
+def test_trial_table_has_the_facts_of_trials_without_their_configs(store: Store) -> None:
+    exp_id = make_experiment(store)
+    ids = store.add_trials(
+        exp_id,
+        [trial("baseB-s0", "baseB", config={"primary_metric": "miou"}), trial("AnB-d2-s1", "AnB", 2, 1)],
+    )
+    store.finish_trial(ids["AnB-d2-s1"], "failed", error="boom")
+    table = store.trial_table(exp_id)
+    assert table.values.tolist() == [
+        [ids["baseB-s0"], "baseB-s0", "base", "baseB", 0, 0, "given", "pending", None, "miou"],
+        [ids["AnB-d2-s1"], "AnB-d2-s1", "transfer", "AnB", 2, 1, "given", "failed", "boom", None],
+    ]
+    assert store.trial_table(exp_id, status="failed")["key"].tolist() == ["AnB-d2-s1"]
+
+
 def test_base_key_may_name_a_trial_recorded_earlier(store: Store) -> None:
     exp_id = make_experiment(store)
     first = store.add_trials(exp_id, [trial("baseA-s0", "baseA")])

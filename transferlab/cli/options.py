@@ -33,9 +33,15 @@ def console() -> Any:
     return Console()
 
 
+# rich lays out every cell of a table (seconds for thousands of rows); longer frames print as plain text.
+RICH_TABLE_MAX_ROWS = 500
+
+
 def print_frame(frame: Any, output: str, title: str | None = None) -> None:
-    """Print a pandas DataFrame as a rich table, CSV, JSON records or Markdown."""
-    if output == "csv":
+    """Print a pandas DataFrame as a rich table (plain text when long), CSV, JSON records or Markdown."""
+    if output == "table" and len(frame) > RICH_TABLE_MAX_ROWS:
+        click.echo(f"{title}\n{frame.to_string(index=False)}" if title else frame.to_string(index=False))
+    elif output == "csv":
         click.echo(frame.to_csv(index=False), nl=False)
     elif output == "json":
         click.echo(json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2))

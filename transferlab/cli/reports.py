@@ -114,24 +114,14 @@ def status(experiment: str | None, db: str | None, output: str, address: str | N
             return
         info = store.find_experiment(experiment)
         jobs = find_jobs(db, address)
-        rows = [
-            {
-                "id": t.id,
-                "key": t.key,
-                "condition": t.condition,
-                "depth": t.depth,
-                "seed": t.seed,
-                "status": t.status,
-                "error": t.error or "",
-            }
-            for t in store.trials(info.id)
-        ]
+        trials = store.trial_table(info.id)[["id", "key", "condition", "depth", "seed", "status", "error"]]
+        trials = trials.fillna({"error": ""})
     finally:
         store.close()
     job = jobs.latest(info.id) if jobs else None
     if job is not None and output == "table":
         click.echo(f"Ray job: {job_state(job)}")
-    print_frame(pd.DataFrame(rows), output, title=f"{info.name} (experiment {info.id}): {info.status}")
+    print_frame(trials, output, title=f"{info.name} (experiment {info.id}): {info.status}")
 
 
 @click.command()

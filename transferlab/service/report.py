@@ -69,14 +69,9 @@ def results_frame(store: Store, experiment_id: int | str) -> pd.DataFrame:
     :class:`ResultsSummary`). When a trial has test values at several epochs, the last counts.
     """
     info = store.find_experiment(experiment_id)
-    trials = [t for t in store.trials(info.id) if t.status == "completed"]
-    frame = pd.DataFrame(
-        [
-            (t.id, t.key, t.role, t.condition, t.depth, t.seed, t.split, t.config.get("primary_metric"))
-            for t in trials
-        ],
-        columns=[*RESULT_COLUMNS[:-2], "metric"],
-    )
+    trials = store.trial_table(info.id, status="completed")
+    frame = trials.rename(columns={"id": "trial_id", "split": "split_id", "primary_metric": "metric"})
+    frame = frame[[*RESULT_COLUMNS[:-2], "metric"]]
     frame["metric"] = frame["metric"].fillna(info.primary_metric).astype(str)
     names = sorted(set(frame["metric"])) or [info.primary_metric]
     metrics = pd.concat([store.metrics_frame(info.id, split="test", name=n) for n in names])
