@@ -110,11 +110,12 @@ def _draw_metrics(frame: pd.DataFrame, weights: pd.DataFrame, title: str) -> Any
         for i, depth in enumerate(depths):
             at = rows[rows["depth"] == depth].set_index("weighting").reindex(weightings)
             label = f"multitask, depth {depth}" if len(depths) > 1 else "multitask"
+            spread = at["std"] if at["std"].notna().any() else None  # one seed: no error bars
             ax.bar(
                 x + (i - (len(depths) - 1) / 2) * width,
                 at["mean"],
                 width,
-                yerr=at["std"].fillna(0),
+                yerr=spread.fillna(0) if spread is not None else None,
                 color=colors[i],
                 alpha=0.85,
                 capsize=2,
@@ -130,7 +131,8 @@ def _draw_metrics(frame: pd.DataFrame, weights: pd.DataFrame, title: str) -> Any
         ax.set_xticks(x, weightings, rotation=30, ha="right")
         ax.set_ylabel(f"test {first['metric']}")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="lower right", fontsize="x-small", frameon=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), frameon=False)
     figure.suptitle(f"{title}: each task's test metric by loss weighting")
     return figure
 
@@ -141,7 +143,7 @@ def _draw_weights(frame: pd.DataFrame, weights: pd.DataFrame, title: str) -> Any
 
     weightings = _order(frame, "weighting")
     tasks = _order(frame, "task")
-    figure, axes = _figure(len(weightings), width=3.8, height=3.0)
+    figure, axes = _figure(len(weightings), width=3.4, height=2.6)
     depths = sorted(weights["depth"].unique()) if not weights.empty else []
     styles = ["-", "--", ":", "-."]
     for ax, weighting in zip(axes, weightings, strict=True):
@@ -170,8 +172,9 @@ def _draw_weights(frame: pd.DataFrame, weights: pd.DataFrame, title: str) -> Any
         ax.set_xlabel("epoch")
         ax.set_ylabel("task weight")
         ax.grid(alpha=0.3)
-        if not rows.empty:
-            ax.legend(fontsize="x-small", frameon=False)
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[1]))
+    if labels:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)), frameon=False)
     figure.suptitle(f"{title}: task weights over training")
     return figure
 
