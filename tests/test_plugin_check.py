@@ -107,7 +107,11 @@ def test_head_is_checked_with_every_label_task() -> None:
 
 def test_head_with_chosen_tasks() -> None:
     report = check_plugin("classify", tasks=["shapes"])
-    assert report.ok and [c.name for c in report.checks][-1] == "loss and metrics of shapes accept the output"
+    names = [c.name for c in report.checks]
+    assert report.ok and names[-2:] == [
+        "loss and metrics of shapes accept the output",
+        "evaluation on shapes: eval-mode outputs score",
+    ]
     assert "digits" not in " ".join(c.name for c in report.checks)
 
 
@@ -329,7 +333,8 @@ def test_head_finds_the_target_variant_of_a_task() -> None:
     assert all(r.ok for r in results), [r for r in results if not r.ok]
     pairs = next(r for r in results if r.name == "pairs with tasks")
     assert "checked on shapes target=mask" in pairs.detail
-    assert results[-1].name == "loss and metrics of shapes target=mask accept the output"
+    assert results[-1].name == "evaluation on shapes target=mask: eval-mode outputs score"
+    assert results[-1].detail.startswith("miou ")
 
 
 # -- broken tasks ------------------------------------------------------------------------------------

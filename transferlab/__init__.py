@@ -22,6 +22,7 @@ _API = (
     "validate",
     "open_store",
     "inspect",
+    "samples",
 )
 
 __all__ = ["__version__", *_API]

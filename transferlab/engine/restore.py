@@ -12,18 +12,33 @@ from transferlab.engine.model import TransferModel
 from transferlab.tasks.base import Task
 
 
-def restore_trial(config: Mapping[str, Any], checkpoint: str | Path) -> tuple[TransferModel, Task]:
+def restore_trial(
+    config: Mapping[str, Any], checkpoint: str | Path, *, data_hash: str | None = None
+) -> tuple[TransferModel, Task]:
     """The model of a finished trial with its trained weights, in eval mode, and its task.
 
     Args:
         config: The trial's config as the planner made it (``TrialInfo.config``).
         checkpoint: The trial's safetensors checkpoint (never unpickled).
+        data_hash: The fingerprint of the data the trial trained on (``TrialInfo.data_hash``); when
+            given, the rebuilt task must have it, so user files edited since (a caption CSV whose
+            vocabulary changed, say) are refused instead of decoded with the wrong words.
 
     Raises:
         FileNotFoundError: The checkpoint is gone.
-        ValueError: The checkpoint does not hold this model's tensors.
+        ValueError: A multitask trial, data that changed, or a checkpoint without this model's tensors.
     """
+    if "task" not in config:
+        raise ValueError(
+            f"trial {config.get('trial_key')} trains several heads ({', '.join(config.get('tasks', {}))}); "
+            "only a single-head trial can be restored"
+        )
     task = build_task(config["task"]["name"], config["task"]["options"], classes=config.get("classes"))
+    if data_hash is not None and task.fingerprint() != data_hash:
+        raise ValueError(
+            f"the data of trial {config.get('trial_key')} changed since it trained (fingerprint "
+            f"{task.fingerprint()}, trained on {data_hash}): its files were edited or moved"
+        )
     model = build_model(
         (config["backbone"]["name"], _without_weights(config["backbone"]["options"])),
         (config["head"]["name"], config["head"]["options"]),
@@ -40,7 +55,13 @@ def restore_trial(config: Mapping[str, Any], checkpoint: str | Path) -> tuple[Tr
             f"checkpoint {checkpoint} does not fit trial {config.get('trial_key')}'s model: "
             f"{len(missing)} tensors missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
         )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # same names, other shapes: another backbone or head configuration
+        reason = str(exc).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit trial {config.get('trial_key')}'s model: {reason}"
+        ) from None
     return model.eval(), task
 
 

@@ -227,7 +227,12 @@ def samples(
         store.close()
     if not chosen.checkpoint_path:
         raise ValueError(f"trial {chosen.id} ({chosen.key}) has no checkpoint (status {chosen.status})")
-    model, task = restore_trial(chosen.config, chosen.checkpoint_path)
+    if "task" not in chosen.config:
+        raise ValueError(
+            f"trial {chosen.id} ({chosen.key}) is a multitask trial; samples shows single-head trials "
+            f"(e.g. a single-task baseline `single:<key>`; `transferlab status {info.id}` lists them)"
+        )
+    model, task = restore_trial(chosen.config, chosen.checkpoint_path, data_hash=chosen.data_hash)
     dataset = task.dataset(split)
     kind = task.target.kind
     if kind == "caption":
@@ -262,7 +267,8 @@ def _pick_trial(store: Any, info: Any, trial: str | int | None) -> Any:
             )
         return found[0]
     frame = results_frame(store, info.id)
-    frame = frame[~frame["condition"].isin(SOURCE_CONDITIONS)]
+    single_head = {t.id for t in trials if "task" in t.config}
+    frame = frame[~frame["condition"].isin(SOURCE_CONDITIONS) & frame["trial_id"].isin(single_head)]
     if frame.empty:
         raise ValueError(f"experiment {info.id} ({info.name}) has no completed trial with a test value")
     best = frame.sort_values("value", ascending=not info.higher_is_better).iloc[0]

@@ -89,9 +89,17 @@ def results_frame(store: Store, experiment_id: int | str) -> pd.DataFrame:
         completed=len(frame),
         left_out={status: n for status, n in info.trial_counts.items() if status != "completed"},
         missing_metric=missing,
-        source_metric=next((m for m in names if m != info.primary_metric), None),
+        source_metric=_source_metric(info, frame),
     )
     return frame
+
+
+def _source_metric(info: Any, frame: pd.DataFrame) -> str | None:
+    """Base net A's metric in a cross-task study (``transfer.source`` set), even when named alike."""
+    if not (info.spec_json.get("transfer") or {}).get("source"):
+        return None
+    source = frame.loc[frame["condition"].isin(SOURCE_CONDITIONS), "metric"]
+    return str(source.iloc[0]) if len(source) else None
 
 
 def results_summary(store: Store, experiment_id: int | str) -> ResultsSummary:

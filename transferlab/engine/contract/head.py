@@ -189,6 +189,31 @@ def _check_on_task(checks: Checks, pairing: _Pairing) -> None:
             note.text = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
         with checks.check(f"loss and metrics of {name} accept the output") as note:
             note.text = loss_and_metrics(task, outputs, batch, list(pairing.head.parameters()))
+        with checks.check(f"evaluation on {name}: eval-mode outputs score") as note:
+            note.text = _evaluate(task, model, batch)
+
+
+def _evaluate(task: Task, model: TransferModel, batch: dict[str, Any]) -> str:
+    """Eval mode, as validation and test run it (decoding, a VAE's mean): loss and every metric."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model(batch)
+        loss = task.loss(outputs, batch)
+        metrics = task.metrics()
+        task.update_metrics(metrics, outputs, batch)
+        values = {k: m.compute() for k, m in metrics.items()}
+    if not torch.isfinite(loss):
+        raise ContractViolation(f"eval-mode loss is {loss.item()}")
+    if task.primary_metric not in values:
+        raise ContractViolation(
+            f"eval-mode metrics {sorted(values)} lack the primary '{task.primary_metric}'"
+        )
+    bad = [k for k, v in values.items() if isinstance(v, Tensor) and not torch.isfinite(v).all()]
+    if bad:
+        raise ContractViolation(f"eval-mode metrics {bad} computed non-finite values")
+    return f"{task.primary_metric} {float(values[task.primary_metric]):.3g}"
 
 
 def _check_logits(outputs: dict[str, Tensor], n: int, target: TargetSpec) -> None:
