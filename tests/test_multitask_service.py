@@ -232,6 +232,19 @@ def test_validate_prints_the_tasks_and_the_weighting_by_depth_table(tmp_path: Pa
     assert data["tasks"]["cls"] == {"task": "shapes", "head": "classify", "primary_metric": "accuracy"}
 
 
+def test_progress_lines_show_each_trials_own_metrics() -> None:
+    from transferlab.cli.experiments import ProgressPrinter
+
+    vspec = validate_spec_text(MULTITASK, "mt.yaml")
+    printer = ProgressPrinter(vspec.primary_metric, {t.key: t.config(vspec) for t in plan_trials(vspec)})
+    data = {"test/score": 0.5, "test/cls/accuracy": 0.75, "test/seg/miou": 0.25, "test/seg/loss": 1.0}
+    assert printer._test_line("all/s0/equal/d0", data) == (
+        "test score 0.5000 (cls accuracy 0.7500, seg miou 0.2500)"
+    )
+    assert printer._test_line("all/s0/single:seg/d0", {"test/miou": 0.125}) == "test miou 0.1250"
+    assert printer._test_line("all/s0/single:cls/d0", {}) == "test accuracy n/a"
+
+
 # -- reports over a hand-filled store ----------------------------------------------------------------
 
 TASK_METRICS = {
