@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.atomic import atomic_path
+from transferlab.engine import feature_cache
 from transferlab.engine.augment import augmented_train_set
 from transferlab.engine.checkpoint import save_checkpoint
 from transferlab.engine.model import TransferModel
@@ -58,6 +59,9 @@ class FitConfig:
     seed: int = 0
     stage_lr_mult: Sequence[float] | None = None
     head_lr_mult: float = 1.0
+    feature_cache: bool = True
+    feature_cache_dtype: str = "float32"
+    feature_cache_max_mb: float = 2048.0
 
 
 @dataclass
@@ -77,6 +81,7 @@ class FitResult:
     steps: int = 0
     seconds: float = 0.0
     checkpoint: Path | None = None
+    feature_cache: dict[str, Any] = field(default_factory=dict)
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -317,6 +322,22 @@ def fit(
             if on_epoch is not None:
                 on_epoch(epoch, row)
 
+    # A frozen prefix that cannot change runs once per sample, not once per epoch (feature_cache).
+    cache = feature_cache.prepare(
+        model,
+        task,
+        {"train": train_set, "val": val_set, "test": test_set},
+        augment=augment,
+        enabled=config.feature_cache,
+        dtype=config.feature_cache_dtype,
+        max_mb=config.feature_cache_max_mb,
+        batch_size=config.eval_batch_size,
+        device=device,
+    )
+    train_set, val_set, test_set = (
+        cache.wrap(s, d) for s, d in (("train", train_set), ("val", val_set), ("test", test_set))
+    )
+
     for epoch in range(first_epoch, config.epochs + 1):
         if hasattr(train_set, "set_epoch"):  # augmentation draws are seeded per epoch
             train_set.set_epoch(epoch)
@@ -377,6 +398,7 @@ def fit(
         model.load_state_dict(best_state)
         result.test_epoch = result.best_epoch
     result.test = evaluate(model, task, test_set, config, device, autocast)
+    result.feature_cache = cache.report()
     if checkpoint_path is not None:
         meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)

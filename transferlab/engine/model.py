@@ -17,6 +17,13 @@ from torch import Tensor, nn
 from transferlab.backbones.base import Backbone, check_depth
 
 BN_POLICIES = ("frozen", "train")
+#: Batch fields ``frozen_features.<i>`` carry frozen stage i's output precomputed by the feature cache.
+FROZEN_FEATURES_PREFIX = "frozen_features."
+
+
+def frozen_feature_keys(depth: int) -> list[str]:
+    """The batch fields of the cached outputs of frozen stages 1..depth (see ``engine.feature_cache``)."""
+    return [f"{FROZEN_FEATURES_PREFIX}{i}" for i in range(depth)]
 
 
 class TransferModel(nn.Module):
@@ -89,8 +96,17 @@ class TransferModel(nn.Module):
         frozen = self.forward_frozen(x)
         return self.forward_trainable(frozen[-1] if frozen else x, frozen)
 
+    def batch_features(self, batch: dict[str, Any]) -> list[Tensor]:
+        """Backbone features of a batch; one that carries its frozen prefix's cached outputs
+        (``frozen_features.<i>``) skips the prefix and runs the trainable stages only."""
+        keys = frozen_feature_keys(self.freeze_depth)
+        if keys and all(k in batch for k in keys):
+            cached = [batch[k] for k in keys]
+            return self.forward_trainable(cached[-1], cached)
+        return self.forward_features(batch[self.input_key])
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return self.head(self.forward_features(batch[self.input_key]), batch)
+        return self.head(self.batch_features(batch), batch)
 
     def stage_parameter_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Trainable parameters grouped as ("stage:<i>", params) per stage and ("head", params)."""

@@ -116,4 +116,6 @@ def run_trial(
     if resume_path is not None:
         resume_path.unlink(missing_ok=True)
     facts["resumed_from_epoch"] = result.resumed_from
+    facts["torch_threads"] = torch.get_num_threads()
+    facts.update(result.feature_cache)
     return result, facts

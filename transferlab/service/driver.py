@@ -26,6 +26,16 @@ from transferlab.service.spec import ValidatedSpec
 DEFAULT_RUNS_DIR = "transferlab-runs"
 SPLITS = ("train", "val", "test")
 SHARED_RUNS_ENV = "TRANSFERLAB_SHARED_RUNS"
+#: What a trial's frozen-prefix feature cache did (``FeatureCache.report``), kept in its provenance.
+FEATURE_CACHE_FACTS = (
+    "feature_cache",
+    "feature_cache_reason",
+    "feature_cache_dtype",
+    "feature_cache_hits",
+    "feature_cache_misses",
+    "feature_cache_seconds_saved",
+    "feature_cache_mb",
+)
 
 
 class DriverError(RuntimeError):
@@ -262,6 +272,8 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
                         "copied_tensors",
                         "resumed_from_epoch",
                         "num_stages",
+                        "torch_threads",
+                        *FEATURE_CACHE_FACTS,
                     )
                 },
             )

@@ -73,6 +73,10 @@ class TrainSpec(_Strict):
     num_workers: int = Field(0, ge=0, le=64)
     stage_lr_mult: list[Annotated[float, Field(ge=0, le=100)]] | None = None
     head_lr_mult: float = Field(1.0, ge=0, le=100)
+    #: Frozen-prefix feature cache (``transferlab.engine.feature_cache``): on, storage dtype, size limit.
+    feature_cache: bool = True
+    feature_cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    feature_cache_max_mb: float = Field(2048.0, ge=0)
 
 
 class Resources(_Strict):
