@@ -274,7 +274,8 @@ def test_head_options_and_targets_are_checked(caption_task: Task) -> None:
     for options, message in [
         ({"cell": "rnn"}, r"cell must be one of \['gru', 'lstm'\], got 'rnn'"),
         ({"decode": "sample"}, r"decode must be one of \['greedy', 'beam'\], got 'sample'"),
-        ({"beam_size": 0}, "beam_size must be an integer >= 1, got 0"),
+        ({"beam_size": 0}, "beam_size must be >= 1, got 0"),
+        ({"hidden": 2.5}, r"head 'caption': hidden must be an integer >= 1, got 2.5"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"length_penalty": -1}, "length_penalty must be a number >= 0, got -1"),
     ]:
@@ -384,6 +385,18 @@ def test_caption_csv_round_trip(caption_folder: Path) -> None:
     assert 0.0 <= float(metrics["bleu4"].compute()) <= 1.0
 
 
+def test_caption_csv_paths_are_made_absolute(caption_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(caption_folder)
+    task = build_task("caption_csv", {"path": "captions.csv", "image_size": 8})
+    assert task.path == caption_folder / "captions.csv" and task.root == caption_folder
+    assert task.path.is_absolute() and task.root.is_absolute()
+    monkeypatch.chdir(caption_folder.parent)  # the task no longer depends on the working directory
+    again = build_task(
+        "caption_csv", {"path": str(task.path), "root": f"{caption_folder.name}", "image_size": 8}
+    )
+    assert again.root == caption_folder and again.fingerprint() == task.fingerprint()
+
+
 def test_caption_csv_errors_name_the_file_and_row(caption_folder: Path) -> None:
     csv_path = caption_folder / "captions.csv"
     text = csv_path.read_text()
@@ -395,7 +408,7 @@ def test_caption_csv_errors_name_the_file_and_row(caption_folder: Path) -> None:
             build_task("caption_csv", {"path": str(bad), **options})
 
     where = str(caption_folder / "bad.csv")
-    fails("", f"caption_csv: '{where}' is empty")
+    fails("", f"caption_csv: CSV file '{where}' is empty; expected a header line")
     fails("file,caption\n", f"'{where}' has a header but no data rows")
     fails(text.replace("file,caption,note", "image,caption,note"), rf"{where}:1: column 'file' is missing")
     fails(
@@ -408,7 +421,7 @@ def test_caption_csv_errors_name_the_file_and_row(caption_folder: Path) -> None:
     (caption_folder / "img" / "2.png").write_bytes(b"")
     fails(text, rf"{where}:4: .*2.png: empty file")
     fails(b"file,caption\n\xff\xfe,a\n", rf"{where}:2: not UTF-8 text")
-    with pytest.raises(CaptionCSVError, match=r"cannot read '.*nowhere.csv'"):
+    with pytest.raises(CaptionCSVError, match=r"cannot read CSV file '.*nowhere.csv'"):
         build_task("caption_csv", {"path": str(caption_folder / "nowhere.csv")})
     with pytest.raises(CaptionCSVError, match="captions have no classes"):
         build_task("caption_csv", {"path": str(csv_path)}, classes=[0, 1])

@@ -157,9 +157,10 @@ def test_head_output_shape_range_and_gradients(backbone_name: str, box_task: Tas
 def test_head_options_are_checked(box_task: Task) -> None:
     info = build_backbone("convnet", {"widths": [8, 16]}, box_task.target).feature_info
     for options, message in (
-        ({"grid": 0}, r"grid must be an integer 1..8, got 0"),
-        ({"grid": 9}, r"grid must be an integer 1..8, got 9"),
-        ({"hidden": -1}, r"hidden must be an integer >= 0, got -1"),
+        ({"grid": 0}, r"grid must be in 1..8, got 0"),
+        ({"grid": 9}, r"grid must be in 1..8, got 9"),
+        ({"grid": 2.0}, r"grid must be an integer in 1..8, got 2.0"),
+        ({"hidden": -1}, r"hidden must be >= 0, got -1"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"classify": "yes"}, r"classify must be true or false, got 'yes'"),
     ):

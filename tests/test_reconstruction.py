@@ -223,10 +223,12 @@ def test_head_options_and_their_errors(image_task: Task) -> None:
     assert build_head("vae", {"from_stage": -2, "latent_dim": 5}, info, target).stage == 3
     with pytest.raises(ValueError, match=r"from_stage must be a stage index 0..4 .* got 5; .* 4 conv5"):
         build_head("autoencoder", {"from_stage": 5}, info, target)
-    with pytest.raises(ValueError, match="channels lists 3 widths, but this stage needs 2 upsampling"):
+    with pytest.raises(ValueError, match="channels lists 3 widths, but its decoder has 2 block"):
         build_head("autoencoder", {"from_stage": 2, "channels": [8, 8, 8]}, info, target)
-    with pytest.raises(ValueError, match="head 'vae': latent_dim must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="head 'vae': latent_dim must be >= 1, got 0"):
         build_head("vae", {"latent_dim": 0}, info, target)
+    with pytest.raises(ValueError, match=r"head 'autoencoder': channels must be a list of positive integers"):
+        build_head("autoencoder", {"channels": [8, 0]}, info, target)
     with pytest.raises(ValueError, match=r"head 'vae': beta must be a number >= 0, got -1"):
         build_head("vae", {"beta": -1}, info, target)
 

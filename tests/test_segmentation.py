@@ -170,7 +170,7 @@ def test_skips_follow_the_strides() -> None:
         build_head("fcn", {"variant": "8s"}, small, target)
     unet = build_head("unet", {"decoder_channels": [24, 12]}, info, target)
     assert [b.conv2[0].out_channels for b in unet.blocks] == [24, 12, 12, 12, 12]
-    with pytest.raises(ValueError, match="decoder_channels lists 3 widths, but this backbone gives 1"):
+    with pytest.raises(ValueError, match="decoder_channels lists 3 widths, but its decoder has 1 block"):
         build_head("unet", {"decoder_channels": [8, 8, 8]}, small, target)
 
 

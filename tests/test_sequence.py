@@ -173,6 +173,16 @@ def test_conv1d_head_rejects_what_it_cannot_predict() -> None:
         conv1d(info, TargetSpec(kind="mask", num_classes=3))
     with pytest.raises(ValueError, match="frequency_pool must be one of"):
         conv1d(info, TARGET, frequency_pool="sum")
+    for options, message in (  # the option checks shared with every head (transferlab.tasks.splits)
+        ({"dropout": "half"}, r"head 'conv1d': dropout must be in \[0, 1\), got 'half'"),
+        ({"dropout": 1}, r"head 'conv1d': dropout must be in \[0, 1\), got 1"),
+        ({"kernel_size": 0}, r"head 'conv1d': kernel_size must be >= 1, got 0"),
+        ({"kernel_size": 2.5}, r"head 'conv1d': kernel_size must be an integer >= 1, got 2.5"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            conv1d(info, TARGET, **options)
+    with pytest.raises(ValueError, match=r"head 'classify': dropout must be in \[0, 1\), got True"):
+        HEADS.get("classify")(info, TargetSpec(kind="label", num_classes=3), dropout=True)
     assert "conv1d" in HEADS.names() and {"textcnn", "tdnn"} <= set(BACKBONES.names())
 
 

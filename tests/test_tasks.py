@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, InMemoryDataset, Task
 from transferlab.tasks.shapes import CHUNK, KINDS
 from transferlab.tasks.shapes_render import COLOUR_NAMES, PALETTE, RENDER_VERSION, UNIT_AREA, inside
+from transferlab.tasks.splits import normalized_images, read_utf8_text, subset_mask, to_unit_pixels
 
 N_DIGITS = 1797
 
@@ -421,3 +423,41 @@ def test_bad_normalization_options(options: dict, message: str) -> None:
 
     with pytest.raises(ValueError, match=message):
         TASKS.get("digits")(**options)
+
+
+# -- helpers the folder tasks and heads share (transferlab.tasks.splits) ------------------------------
+
+
+def test_normalisation_helpers_round_trip_and_clamp() -> None:
+    images = torch.rand(6, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    images[:, 1] = 0.5  # a channel constant over the training split is only centred
+    train = np.array([0, 2, 4])
+    normalised, (mean, std) = normalized_images(images.clone(), train, None)
+    assert mean == pytest.approx((float(images[train, 0].mean()), 0.5)) and std[1] == 1.0
+    assert float(normalised[train, 0].mean()) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(to_unit_pixels(normalised, mean, std), images)
+    given = ((0.25, 0.5), (0.5, 2.0))
+    again, used = normalized_images(images.clone(), train, given)
+    assert used == given and torch.allclose(again[:, 0], (images[:, 0] - 0.25) / 0.5)
+    assert float(to_unit_pixels(torch.full((1, 1, 2, 2), 9.0), [0.5], [1.0]).max()) == 1.0  # clamped
+    assert to_unit_pixels(normalised[0], torch.tensor(mean), np.asarray(std)).shape == (2, 4, 4)
+
+
+def test_subset_mask_and_utf8_reader(tmp_path: Path) -> None:
+    mask = torch.tensor([[0, 1, 2], [3, 4, 1]])
+    assert subset_mask(mask, [2, 0], num_values=5).tolist() == [[0, 2, 0], [1, 0, 2]]
+    path = tmp_path / "notes.csv"
+    path.write_bytes("\ufeffa,b\n".encode())
+    assert read_utf8_text(path, "notes file") == ("a,b\n", "\ufeffa,b\n".encode())
+    path.write_bytes(b"a\n\xff")
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 text \(invalid start byte at byte 2\)"):
+        read_utf8_text(path, "notes file")
+    path.write_bytes(b" \n")
+    with pytest.raises(ValueError, match=r"notes file '.*notes.csv' is empty; expected a header"):
+        read_utf8_text(path, "notes file", expected="a header")
+
+    class NotesError(ValueError):
+        pass
+
+    with pytest.raises(NotesError, match=r"cannot read notes file '.*none.csv': No such file"):
+        read_utf8_text(tmp_path / "none.csv", "notes file", NotesError)

@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from transferlab.atomic import atomic_path
+from transferlab.engine.fit import to_device
+from transferlab.tasks.splits import to_unit_pixels
 
 CELL_INCHES = 0.9  # side of one image in the figure
 DPI = 80
@@ -40,9 +42,7 @@ def to_pixels(task: Any, images: Tensor) -> Tensor:
             f"task '{task.name}' gives no normalisation to map its images back to pixels; "
             "image samples need an image target (target: image)"
         )
-    shape = (1, len(normalization[0]), 1, 1)
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(shape) for v in normalization)
-    return (images.float() * std + mean).clamp(0.0, 1.0)
+    return to_unit_pixels(images.float(), *normalization)
 
 
 def image_rows(
@@ -55,8 +55,7 @@ def image_rows(
     model.eval()
     try:
         with torch.no_grad():
-            inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            outputs = model(inputs)
+            outputs = model(to_device(batch, device))
             rows = [
                 ("input", to_pixels(task, batch["image"])),
                 ("reconstruction", outputs["reconstruction"].float().clamp(0.0, 1.0).cpu()),

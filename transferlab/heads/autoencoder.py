@@ -22,15 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from transferlab.backbones.base import FeatureInfo
-from transferlab.heads.base import Head, require_target
+from transferlab.heads.base import Head, decoder_widths, require_target
 from transferlab.heads.fcn import input_size, resize_to
 from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
 
-# Default block width: this many channels per unit of the block's output stride, within the bounds
-# (the U-Net head's rule; on a /16 map: 128, 64, 32, 16).
-CHANNELS_PER_STRIDE = 16
-DEFAULT_WIDTH_BOUNDS = (16, 256)
 IMAGE_TARGETS = ("image",)
 
 
@@ -58,24 +54,9 @@ def pick_stage(head: str, feature_info: FeatureInfo, from_stage: int | None) -> 
     return from_stage % n
 
 
-def decoder_widths(head: str, channels: Sequence[int] | None, blocks: int) -> list[int]:
-    """One width per upsampling block, coarse to fine.
-
-    The given list (a shorter one repeats its last width; extra widths are an error); by default
-    ``CHANNELS_PER_STRIDE`` x the block's output stride within ``DEFAULT_WIDTH_BOUNDS``.
-    """
-    if channels is None:
-        low, high = DEFAULT_WIDTH_BOUNDS
-        return [min(max(CHANNELS_PER_STRIDE * 2 ** (blocks - 1 - i), low), high) for i in range(blocks)]
-    given = list(channels) if isinstance(channels, Sequence) and not isinstance(channels, str) else []
-    if not given or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in given):
-        raise ValueError(f"head '{head}': channels must be a list of positive integers, got {channels!r}")
-    if len(given) > max(blocks, 1):
-        raise ValueError(
-            f"head '{head}': channels lists {len(given)} widths, but this stage needs {blocks} "
-            f"upsampling block(s); give at most {max(blocks, 1)} (a shorter list repeats its last width)"
-        )
-    return given[:blocks] + given[-1:] * (blocks - len(given))
+def doubling_strides(blocks: int) -> list[int]:
+    """Output stride of each of ``blocks`` stride-2 upsampling blocks, coarse to fine: ..., 4, 2, 1."""
+    return [2 ** (blocks - 1 - i) for i in range(blocks)]
 
 
 class DeconvDecoder(nn.Module):
@@ -162,7 +143,7 @@ def autoencoder(
     return AutoencoderHead(
         stage,
         feature_info[stage].channels,
-        decoder_widths("autoencoder", channels, blocks),
+        decoder_widths("autoencoder", "channels", channels, doubling_strides(blocks)),
         target.in_channels,
         image_size=target.image_size,
         input_key=target.input_key,

@@ -20,6 +20,7 @@ from transferlab.heads.base import Head, require_target
 from transferlab.heads.classify import GlobalAvgPool
 from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
+from transferlab.tasks.splits import check_dropout, check_int
 
 MAX_GRID = 8
 
@@ -82,15 +83,12 @@ def bbox(
     before the output layers.
     """
     require_target("bbox", BoxHead.target_kinds, target.kind)
-    hidden = 0 if hidden is None else hidden
-    for name, value, low, high in (("grid", grid, 1, MAX_GRID), ("hidden", hidden, 0, None)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
-            allowed = f"{low}..{high}" if high else f">= {low}"
-            raise ValueError(f"head 'bbox': {name} must be an integer {allowed}, got {value!r}")
+    owner = "head 'bbox'"
+    grid = check_int(owner, "grid", grid, minimum=1, maximum=MAX_GRID)
+    hidden = check_int(owner, "hidden", 0 if hidden is None else hidden, minimum=0)
     if not isinstance(classify, bool):
-        raise ValueError(f"head 'bbox': classify must be true or false, got {classify!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"head 'bbox': dropout must be in [0, 1), got {dropout!r}")
+        raise ValueError(f"{owner}: classify must be true or false, got {classify!r}")
+    dropout = check_dropout(owner, dropout)
     num_classes = target.num_classes if classify and (target.num_classes or 0) >= 2 else 0
     return BoxHead(
         feature_info[-1].channels, grid=grid, hidden=hidden, num_classes=num_classes, dropout=dropout

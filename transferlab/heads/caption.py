@@ -35,6 +35,7 @@ from transferlab.heads.base import Head, require_target
 from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
 from transferlab.tasks.captioning import BOS_ID, EOS_ID, PAD_ID, SPECIALS
+from transferlab.tasks.splits import check_dropout, check_int, check_nonnegative
 
 CELLS = ("gru", "lstm")
 DECODERS = ("greedy", "beam")
@@ -253,12 +254,6 @@ class CaptionHead(Head):
         return seqs[torch.arange(n, device=device), best]
 
 
-def _positive_int(option: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"head 'caption': {option} must be an integer >= 1, got {value!r}")
-    return value
-
-
 @HEADS.register("caption")
 def caption(
     feature_info: FeatureInfo,
@@ -304,20 +299,17 @@ def caption(
         raise ValueError(f"head 'caption': decode must be one of {list(DECODERS)}, got {decode!r}")
     if not isinstance(attention, bool):
         raise ValueError(f"head 'caption': attention must be true or false, got {attention!r}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty < 0:
-        raise ValueError(f"head 'caption': length_penalty must be a number >= 0, got {length_penalty!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"head 'caption': dropout must be in [0, 1), got {dropout!r}")
+    owner = "head 'caption'"
     return CaptionHead(
         feature_info[-1].channels,
         len(target.vocabulary),
         target.max_length,
         cell=cell,
-        embed_dim=_positive_int("embed_dim", embed_dim),
-        hidden=_positive_int("hidden", hidden),
+        embed_dim=check_int(owner, "embed_dim", embed_dim, minimum=1),
+        hidden=check_int(owner, "hidden", hidden, minimum=1),
         attention=attention,
         decode=decode,
-        beam_size=_positive_int("beam_size", beam_size),
-        length_penalty=float(length_penalty),
-        dropout=float(dropout),
+        beam_size=check_int(owner, "beam_size", beam_size, minimum=1),
+        length_penalty=check_nonnegative(owner, "length_penalty", length_penalty),
+        dropout=check_dropout(owner, dropout),
     )

@@ -10,6 +10,7 @@ from transferlab.backbones.base import FeatureInfo
 from transferlab.heads.base import Head, require_target
 from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
+from transferlab.tasks.splits import check_dropout
 
 
 class GlobalAvgPool(nn.Module):
@@ -48,6 +49,5 @@ def classify(
     require_target("classify", ClassifyHead.target_kinds, target.kind)
     if not target.num_classes or target.num_classes < 2:
         raise ValueError(f"head 'classify' needs at least 2 classes, the task has {target.num_classes}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"head 'classify': dropout must be in [0, 1), got {dropout}")
+    dropout = check_dropout("head 'classify'", dropout)
     return ClassifyHead(feature_info[-1].channels, target.num_classes, hidden=hidden, dropout=dropout)

@@ -20,6 +20,7 @@ from transferlab.backbones.sequence import same_conv1d
 from transferlab.heads.base import Head, require_target
 from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
+from transferlab.tasks.splits import check_dropout, check_int
 
 FREQUENCY_POOLS = ("mean", "max")
 
@@ -93,14 +94,12 @@ def conv1d(
         raise ValueError(f"head 'conv1d': channels must be a list of positive integers, got {channels!r}")
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
         raise ValueError(f"head 'conv1d': channels must be a list of positive integers, got {channels!r}")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"head 'conv1d': kernel_size must be an integer >= 1, got {kernel_size!r}")
+    kernel_size = check_int("head 'conv1d'", "kernel_size", kernel_size, minimum=1)
     if frequency_pool not in FREQUENCY_POOLS:
         raise ValueError(
             f"head 'conv1d': frequency_pool must be one of {list(FREQUENCY_POOLS)}, got {frequency_pool!r}"
         )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"head 'conv1d': dropout must be in [0, 1), got {dropout}")
+    dropout = check_dropout("head 'conv1d'", dropout)
     return Conv1dHead(
         feature_info[-1].channels,
         target.num_classes,

@@ -15,15 +15,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from transferlab.backbones.base import FeatureInfo
-from transferlab.heads.base import Head, require_target
+from transferlab.heads.base import Head, decoder_widths, require_target
 from transferlab.heads.fcn import input_size, pyramid, resize_to
 from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
 
-# Default width of a block: this many channels per unit of its output stride, within the bounds; on
-# a /32 backbone that is smp's default (256, 128, 64, 32, 16).
-CHANNELS_PER_STRIDE = 16
-DEFAULT_WIDTH_BOUNDS = (16, 256)
 ATTENTIONS = (None, "scse")
 
 
@@ -79,27 +75,6 @@ class UNetHead(Head):
         return {"mask_logits": resize_to(self.classify(x), size)}
 
 
-def decoder_widths(decoder_channels: Sequence[int] | None, strides: list[int]) -> list[int]:
-    """One width per decoder block, given the blocks' output strides (coarse to fine).
-
-    The given list, a shorter one repeating its last value; by default ``CHANNELS_PER_STRIDE`` x
-    the block's output stride within ``DEFAULT_WIDTH_BOUNDS``.
-    """
-    blocks = len(strides)
-    if decoder_channels is None:
-        low, high = DEFAULT_WIDTH_BOUNDS
-        return [min(max(CHANNELS_PER_STRIDE * s, low), high) for s in strides]
-    given = list(decoder_channels)
-    if not given or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in given):
-        raise ValueError(f"head 'unet': decoder_channels must be positive integers, got {decoder_channels!r}")
-    if len(given) > blocks:
-        raise ValueError(
-            f"head 'unet': decoder_channels lists {len(given)} widths, but this backbone gives "
-            f"{blocks} decoder blocks; give at most {blocks} (a shorter list repeats its last width)"
-        )
-    return given + given[-1:] * (blocks - len(given))
-
-
 @HEADS.register("unet")
 def unet(
     feature_info: FeatureInfo,
@@ -129,7 +104,7 @@ def unet(
         levels[-1],
         skips,
         feature_info,
-        decoder_widths(decoder_channels, strides),
+        decoder_widths("unet", "decoder_channels", decoder_channels, strides),
         target.num_classes,
         attention=attention,
         image_size=target.image_size,

@@ -27,17 +27,18 @@ from transferlab.backbones.base import FeatureInfo
 from transferlab.heads.autoencoder import (
     IMAGE_TARGETS,
     DeconvDecoder,
-    decoder_widths,
+    doubling_strides,
     doublings,
     image_outputs,
     nominal_map_side,
     pick_stage,
 )
-from transferlab.heads.base import Head, require_target
+from transferlab.heads.base import Head, decoder_widths, require_target
 from transferlab.heads.fcn import input_size, resize_to
 from transferlab.registry import HEADS
 from transferlab.tasks.base import TargetSpec
 from transferlab.tasks.reconstruction import gaussian_kl
+from transferlab.tasks.splits import check_int, check_nonnegative
 
 ENCODER_GRID = 4  # cells per side of the pooled posterior input and the decoded seed map (at most)
 SEED_CHANNELS = 256  # at most this many channels in the map the latent is decoded to
@@ -117,13 +118,6 @@ class VAEHead(Head):
         return torch.sigmoid(self.decode(z, self.image_size))
 
 
-def check_positive(name: str, value: Any, *, integer: bool) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < (1 if integer else 0):
-        allowed = "a positive integer" if integer else "a number >= 0"
-        raise ValueError(f"head 'vae': {name} must be {allowed}, got {value!r}")
-
-
 @HEADS.register("vae")
 def vae(
     feature_info: FeatureInfo,
@@ -142,8 +136,8 @@ def vae(
     coarse to fine (as the ``autoencoder`` head's). ``sample(n)`` decodes z ~ N(0, I).
     """
     require_target("vae", VAEHead.target_kinds, target.kind)
-    check_positive("latent_dim", latent_dim, integer=True)
-    check_positive("beta", beta, integer=False)
+    latent_dim = check_int("head 'vae'", "latent_dim", latent_dim, minimum=1)
+    beta = check_nonnegative("head 'vae'", "beta", beta)
     stage = pick_stage("vae", feature_info, from_stage)
     info = feature_info[stage]
     side = min(nominal_map_side(target.image_size, info.reduction), ENCODER_GRID)
@@ -154,9 +148,9 @@ def vae(
         side,
         latent_dim,
         (min(info.channels, SEED_CHANNELS), side),
-        decoder_widths("vae", channels, blocks),
+        decoder_widths("vae", "channels", channels, doubling_strides(blocks)),
         target.in_channels,
-        beta=float(beta),
+        beta=beta,
         image_size=target.image_size,
         input_key=target.input_key,
     )

@@ -35,7 +35,6 @@ training split's per-channel statistics.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -51,15 +50,18 @@ from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, InMemoryDataset, TargetSpec, Task, stable_hash
-from transferlab.tasks.folders import _decode_problem, _listed
+from transferlab.tasks.folders import _listed, decode_file
 from transferlab.tasks.localization import BoxObjective
 from transferlab.tasks.splits import (
+    Normalization,
     check_choice,
     check_classes,
     check_fraction,
     check_int,
     check_normalization,
     check_split,
+    normalized_images,
+    read_utf8_text,
     select_classes,
     stratified_split,
 )
@@ -70,8 +72,6 @@ DEFAULT_FRACTIONS = {"val_fraction": 0.15, "test_fraction": 0.25}
 SEVERAL_BOXES = ("error", "largest")
 NO_LABEL = "object"  # the one class name of a file without labels
 MAX_IMAGES = 200_000
-
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class BoxFilesError(ValueError):
@@ -93,20 +93,6 @@ class Annotation:
 
 
 # -- reading the annotation file --------------------------------------------------------------------
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BoxFilesError(f"cannot read annotation file '{path}': {exc.strerror or exc}") from None
-    if not data.strip():
-        raise BoxFilesError(f"annotation file '{path}' is empty")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise BoxFilesError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
-
-
 def _numbers(values: Any, where: str, problems: list[str]) -> tuple[float, ...] | None:
     """Four finite numbers (numeric strings too), else a problem and None."""
     listed = list(values) if isinstance(values, (list, tuple)) else [values]
@@ -135,7 +121,8 @@ def _box(corners: tuple[float, ...], where: str, problems: list[str]) -> tuple[f
 
 def read_csv_boxes(path: Path) -> list[Annotation]:
     """Every row of a CSV annotation file (see the module docstring); bad rows listed at once."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    text, _ = read_utf8_text(path, "annotation file", BoxFilesError)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     annotations, problems = [], []
     try:
         header = [h.strip() for h in next(reader)]
@@ -206,7 +193,7 @@ def read_coco_boxes(path: Path) -> tuple[list[Annotation], dict[str, tuple[int, 
             or category, a bad box, or an image with no box (all bad annotations listed at once).
     """
     try:
-        doc = json.loads(_read_text(path))
+        doc = json.loads(read_utf8_text(path, "annotation file", BoxFilesError)[0])
     except json.JSONDecodeError as exc:
         raise BoxFilesError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
     if not isinstance(doc, dict):
@@ -276,28 +263,6 @@ def one_box_per_image(annotations: list[Annotation], several: str, path: Path) -
 
 
 # -- images -----------------------------------------------------------------------------------------
-def _stretched_pixels(data: bytes, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """One encoded image resized to uint8 size x size x channels (no crop), and its displayed (w, h).
-
-    Decoding follows ``image_folder``: EXIF orientation applied, 16-bit grey scaled, palette and
-    transparency resolved, alpha dropped.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as opened:
-        opened.load()  # decodes everything: a truncated or corrupt file fails here
-        img = ImageOps.exif_transpose(opened)
-    if img.mode.startswith("I;16"):
-        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8))
-    elif img.mode in ("I", "F"):
-        raise ValueError(f"pixel mode '{img.mode}' (32-bit) is not supported; save it with 8 or 16 bits")
-    if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
-        img = img.convert("RGBA")
-    displayed = img.size
-    img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels), displayed
-
-
 def decode_boxed_images(
     root: Path, annotations: Sequence[Annotation], sizes: dict[str, tuple[int, int]], size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -313,21 +278,10 @@ def decode_boxed_images(
     digests, problems = [], []
     for i, annotation in enumerate(annotations):
         path = root / annotation.file
-        try:
-            if not path.is_file():
-                raise OSError("no such file" if not path.exists() else "not a regular file")
-            data = path.read_bytes()
-        except OSError as exc:
-            problems.append(f"{path} ({annotation.where}): cannot be read ({exc.strerror or exc})")
-            continue
-        digests.append(f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}")
-        try:
-            if not data:
-                raise ValueError("empty file (0 bytes)")
-            pixels[i], (width, height) = _stretched_pixels(data, size, channels)
-        except Exception as exc:  # noqa: BLE001 - every decoder failure is reported with its file
-            reason = str(exc) if not data else _decode_problem(exc)
-            problems.append(f"{path} ({annotation.where}): {reason}")
+        digest, problem, (width, height) = decode_file(path, pixels, i, crop=False)
+        digests.append(digest)
+        if problem is not None:
+            problems.append(f"{path} ({annotation.where}): {problem}")
             continue
         given = sizes.get(annotation.file)
         x0, y0, x1, y1 = annotation.box
@@ -458,17 +412,9 @@ class ImageBoxesTask(Task):
         assert self._pixels is not None
         images = torch.from_numpy(self._pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         self._pixels = None  # the float copy replaces the decoded bytes
-        given = self._options["mean"]
-        if given is None:
-            train = images[torch.from_numpy(self.split_index["train"])]
-            mean, std = train.mean(dim=(0, 2, 3)), train.std(dim=(0, 2, 3))
-            std = torch.where(std < 1e-6, torch.ones_like(std), std)  # a constant channel is only centred
-            self._normalization = (tuple(mean.tolist()), tuple(std.tolist()))
-        else:
-            self._normalization = (tuple(given), tuple(self._options["std"]))
-        shape = (1, self.target.in_channels, 1, 1)
-        mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(shape) for v in self._normalization)
-        images = images.sub_(mean_t).div_(std_t)
+        mean, std = self._options["mean"], self._options["std"]
+        given = (tuple(mean), tuple(std)) if mean is not None else None
+        images, self._normalization = normalized_images(images, self.split_index["train"], given)
         boxes, labels = torch.from_numpy(self._boxes), torch.from_numpy(self._labels)
         datasets = {}
         for split in SPLITS:

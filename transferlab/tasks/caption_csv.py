@@ -33,8 +33,17 @@ from torch.utils.data import Dataset
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, InMemoryDataset, TargetSpec, Task, stable_hash
 from transferlab.tasks.captioning import SPECIALS, CaptionObjective, tokenize
-from transferlab.tasks.folders import MAX_IMAGES, _decode_file, _listed
-from transferlab.tasks.splits import check_choice, check_fraction, check_int, check_normalization, check_split
+from transferlab.tasks.folders import MAX_IMAGES, _listed, decode_file
+from transferlab.tasks.splits import (
+    Normalization,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_normalization,
+    check_split,
+    normalized_images,
+    read_utf8_text,
+)
 
 NAME = "caption_csv"
 DEFAULT_FRACTIONS = {"val_fraction": 0.15, "test_fraction": 0.25}
@@ -65,22 +74,6 @@ class CaptionRows:
     content: bytes
 
 
-def _read_text(path: Path) -> tuple[str, bytes]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CaptionCSVError(f"cannot read '{path}': {exc.strerror or exc}") from None
-    if not data.strip():
-        raise CaptionCSVError(f"'{path}' is empty; expected a header line naming the columns, then rows")
-    try:
-        return data.decode("utf-8-sig"), data
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise CaptionCSVError(
-            f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
-        ) from None
-
-
 def _columns(path: Path, header: list[str], wanted: Sequence[str]) -> list[int]:
     found = ", ".join(repr(h) for h in header)
     out = []
@@ -98,7 +91,9 @@ def read_caption_csv(path: Path, file_column: str = "file", caption_column: str 
     Raises:
         CaptionCSVError: see the module docstring.
     """
-    text, data = _read_text(path)
+    text, data = read_utf8_text(
+        path, "CSV file", CaptionCSVError, expected="a header line naming the columns, then rows"
+    )
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     by_file: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
@@ -154,10 +149,10 @@ def decode_listed_images(
             problems.append(f"{path}:{line}: image '{name}' not found (looked for {image})")
             digests.append("")
             continue
-        digest, problem = _decode_file(image, pixels, i)
+        digest, problem, _ = decode_file(image, pixels, i)
         digests.append(digest)
         if problem is not None:
-            problems.append(f"{path}:{line}: {problem}")
+            problems.append(f"{path}:{line}: {image}: {problem}")
     if problems:
         raise CaptionCSVError(
             f"{len(problems)} image(s) cannot be used; fix the rows or the images:\n{_listed(problems)}"
@@ -177,24 +172,6 @@ def random_split(count: int, fractions: dict[str, float], seed: int, path: Path)
     order = np.random.default_rng(seed).permutation(count)
     cuts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     return {split: np.sort(cuts[split]) for split in SPLITS}
-
-
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-def normalized(images: Tensor, train: Tensor, given: Normalization | None) -> tuple[Tensor, Normalization]:
-    """``images`` (float N x C x H x W in [0, 1]) normalised, and the per-channel (mean, std) used.
-
-    Without ``given`` values, the statistics of ``train`` (indices); a constant channel is only centred.
-    """
-    if given is None:
-        pixels = images[train]
-        mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3))
-        std = torch.where(std < 1e-6, torch.ones_like(std), std)
-        given = (tuple(mean.tolist()), tuple(std.tolist()))
-    shape = (1, images.shape[1], 1, 1)
-    mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(shape) for v in given)
-    return images.sub_(mean_t).div_(std_t), given
 
 
 class CaptionCSVTask(Task):
@@ -235,7 +212,7 @@ class CaptionCSVTask(Task):
         pixels, self._digests = decode_listed_images(path, root, rows, size, channels)
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         train = torch.from_numpy(self.split_index["train"])
-        images, self.normalization = normalized(images, train, normalization)
+        images, self.normalization = normalized_images(images, train, normalization)
         self._datasets = {split: self._split(images, split) for split in SPLITS}
 
     def _split(self, images: Tensor, split: str) -> InMemoryDataset:
@@ -328,8 +305,8 @@ def caption_csv(
         raise CaptionCSVError(
             f"captions have no classes to select, got classes={list(classes)}; leave it out"
         )
-    file = Path(path).expanduser()
-    folder = Path(root).expanduser() if root is not None else file.parent
+    file = Path(path).expanduser().absolute()
+    folder = Path(root).expanduser().absolute() if root is not None else file.parent
     if root is not None and not folder.is_dir():
         raise CaptionCSVError(f"root '{folder}' is not a folder (the images' paths are relative to it)")
     channels = check_choice(NAME, "channels", channels, (1, 3))

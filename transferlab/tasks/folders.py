@@ -38,12 +38,14 @@ from torch.utils.data import Dataset
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
 from transferlab.tasks.splits import (
+    Normalization,
     check_choice,
     check_classes,
     check_fraction,
     check_int,
     check_normalization,
     check_split,
+    normalized_images,
     select_classes,
     stratified_split,
 )
@@ -238,36 +240,47 @@ def decode_images(
         ImageFolderError: listing every file that is unreadable, empty, not an image or corrupt.
     """
     pixels = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
-    results = [_decode_file(root / relative, pixels, i) for i, relative in enumerate(files)]
-    problems = [problem for _, problem in results if problem is not None]
+    results = [decode_file(root / relative, pixels, i) for i, relative in enumerate(files)]
+    problems = [f"{root / f}: {p}" for f, (_, p, _) in zip(files, results, strict=True) if p is not None]
     if problems:
         raise ImageFolderError(
             f"{len(problems)} image file(s) cannot be used; replace or delete them:\n{_listed(problems)}"
         )
-    return pixels, [digest for digest, _ in results]
+    return pixels, [digest for digest, _, _ in results]
 
 
-def _decode_file(path: Path, pixels: np.ndarray, i: int) -> tuple[str, str | None]:
-    """(digest, problem) of one file; its pixels go into ``pixels[i]``."""
+def decode_file(
+    path: Path, pixels: np.ndarray, i: int, *, crop: bool = True
+) -> tuple[str, str | None, tuple[int, int]]:
+    """(``"bytes:sha256"``, what is wrong or None, displayed (width, height)) of one image file,
+    decoded into ``pixels[i]`` by :func:`decoded_pixels`; the caller names the file in a problem."""
     try:
         if not path.is_file():
-            raise OSError("not a regular file")
+            raise OSError("no such file" if not path.exists() else "not a regular file")
         data = path.read_bytes()
     except OSError as exc:
-        return "", f"{path}: cannot be read ({exc.strerror or exc})"
+        return "", f"cannot be read ({exc.strerror or exc})", (0, 0)
     digest = f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
     if not data:
-        return digest, f"{path}: empty file (0 bytes)"
+        return digest, "empty file (0 bytes)", (0, 0)
     size, channels = pixels.shape[1], pixels.shape[3]
     try:
-        pixels[i] = _pixels(data, size, channels)
+        pixels[i], displayed = decoded_pixels(data, size, channels, crop=crop)
     except Exception as exc:  # noqa: BLE001 - every decoder failure is reported with its file
-        return digest, f"{path}: {_decode_problem(exc)}"
-    return digest, None
+        return digest, _decode_problem(exc), (0, 0)
+    return digest, None, displayed
 
 
-def _pixels(data: bytes, size: int, channels: int) -> np.ndarray:
-    """One encoded image as uint8 size x size x channels (see the module docstring for the steps)."""
+def decoded_pixels(
+    data: bytes, size: int, channels: int, *, crop: bool
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """One encoded image as uint8 size x size x channels, and its displayed (width, height).
+
+    EXIF orientation applied, 16-bit grey scaled to 8 bits, palette and transparency resolved, alpha
+    dropped, RGB or grey. ``crop``: the shorter side resized to ``size`` and the centre square cropped
+    (torchvision's ``Resize`` + ``CenterCrop``); otherwise the whole image stretched to size x size
+    (the aspect ratio is not kept, so boxes keep their normalised coordinates).
+    """
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as opened:
@@ -279,9 +292,11 @@ def _pixels(data: bytes, size: int, channels: int) -> np.ndarray:
         raise ValueError(f"pixel mode '{img.mode}' (32-bit) is not supported; save it with 8 or 16 bits")
     if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
         img = img.convert("RGBA")  # palette and transparency resolved first; alpha dropped below
+    displayed = img.size
     img = img.convert("L" if channels == 1 else "RGB")
-    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
+    bilinear = Image.Resampling.BILINEAR
+    img = ImageOps.fit(img, (size, size), method=bilinear) if crop else img.resize((size, size), bilinear)
+    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels), displayed
 
 
 def _decode_problem(exc: Exception) -> str:
@@ -339,7 +354,6 @@ def split_indices(listing: FolderListing, fractions: dict[str, float], seed: int
 
 
 # -- the task ---------------------------------------------------------------------------------------
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class ImageFolderTask(ClassificationTask):
@@ -459,16 +473,9 @@ class ImageFolderTask(ClassificationTask):
         assert self._pixels is not None
         images = torch.from_numpy(self._pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         self._pixels = None  # the float copy replaces the decoded bytes
-        if self._given_normalization is None:
-            train = images[torch.from_numpy(self.split_index["train"])]
-            mean, std = train.mean(dim=(0, 2, 3)), train.std(dim=(0, 2, 3))
-            std = torch.where(std < 1e-6, torch.ones_like(std), std)  # a constant channel is only centred
-            self._normalization = (tuple(mean.tolist()), tuple(std.tolist()))
-        else:
-            self._normalization = self._given_normalization
-        shape = (1, self.channels, 1, 1)
-        mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(shape) for v in self._normalization)
-        images = images.sub_(mean_t).div_(std_t)
+        images, self._normalization = normalized_images(
+            images, self.split_index["train"], self._given_normalization
+        )
         labels = torch.from_numpy(self.listing.labels)
         datasets = {}
         for split in SPLITS:

@@ -50,13 +50,16 @@ from transferlab.tasks.folders import (
 )
 from transferlab.tasks.objectives import SegmentationObjective
 from transferlab.tasks.splits import (
+    Normalization,
     check_choice,
     check_classes,
     check_fraction,
     check_int,
     check_normalization,
     check_split,
+    normalized_images,
     stratified_split,
+    subset_mask,
 )
 
 NAME = "mask_folder"
@@ -64,7 +67,6 @@ MASK_EXTENSION = ".png"
 MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")  # single channel: value = class index
 CLASSES_FILE = "classes.txt"
 PAIR_FOLDERS = ("images", "masks")
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class MaskFolderError(ValueError):
@@ -414,21 +416,12 @@ class MaskFolderTask(Task):
         pixels, masks = self._pixels
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         self._pixels = None  # the tensors replace the decoded arrays
-        if self._given_normalization is None:
-            train = images[torch.from_numpy(self.split_index["train"])]
-            mean, std = train.mean(dim=(0, 2, 3)), train.std(dim=(0, 2, 3))
-            std = torch.where(std < 1e-6, torch.ones_like(std), std)  # a constant channel is only centred
-            self._normalization = (tuple(mean.tolist()), tuple(std.tolist()))
-        else:
-            self._normalization = self._given_normalization
-        shape = (1, self.channels, 1, 1)
-        mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(shape) for v in self._normalization)
-        images = images.sub_(mean_t).div_(std_t)
+        images, self._normalization = normalized_images(
+            images, self.split_index["train"], self._given_normalization
+        )
         mask = torch.from_numpy(masks)
         if self.classes is not None:  # classes[i] -> i + 1, every other class -> background
-            lookup = torch.zeros(len(self.all_class_names), dtype=torch.int64)
-            lookup[torch.tensor(self.classes) + 1] = torch.arange(1, len(self.classes) + 1)
-            mask = lookup[mask]
+            mask = subset_mask(mask, self.classes, len(self.all_class_names))
         self._datasets = {}
         for split in SPLITS:
             rows = torch.from_numpy(self.split_index[split])

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from transferlab.tasks.splits import to_unit_pixels
+
 MAX_PSNR = 100.0  # dB; identical images (MSE 0) would otherwise score infinity
 SSIM_WINDOW = (11, 1.5)  # Wang et al. 2004: 11 x 11 Gaussian window, sigma 1.5
 SSIM_FULL_WINDOW_FROM = 16  # px; below this the window shrinks (see ssim_window)
@@ -99,10 +101,7 @@ class ReconstructionObjective:
 
     def pixels(self, image: Tensor) -> Tensor:
         """Normalised images (N x C x H x W) back in [0, 1] pixels (clamped)."""
-        shape = (1, len(self.mean), 1, 1)
-        mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(shape)
-        std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(shape)
-        return (image * std + mean).clamp_(0.0, 1.0)
+        return to_unit_pixels(image, self.mean, self.std)
 
     def loss(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
         target = self.pixels(batch["image"].float())

@@ -57,6 +57,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
+from transferlab.tasks import splits
 from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
 from transferlab.tasks.objectives import Objective, target_objective
 from transferlab.tasks.shapes_render import (
@@ -212,9 +213,7 @@ class ShapesTask(ClassificationTask):
 
 def subset_mask(mask: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """``mask`` (0 background, k + 1 kind k) renumbered: kind ``classes[i]`` -> i + 1, other kinds -> 0."""
-    lookup = torch.zeros(len(KINDS) + 1, dtype=mask.dtype)
-    lookup[torch.tensor(classes) + 1] = torch.arange(1, len(classes) + 1, dtype=mask.dtype)
-    return lookup[mask]
+    return splits.subset_mask(mask, classes, len(KINDS) + 1)
 
 
 def _to_samples(

@@ -1,13 +1,17 @@
-"""Helpers shared by the bundled tasks: option checks, stratified splits and class subsets.
+"""Helpers shared by the bundled tasks (and the heads' option checks).
+
+Option checks, reading a user's UTF-8 annotation files, normalising images with the training split's
+statistics (and back to pixels), stratified splits and class subsets of labels and masks.
 
 Option checks raise ``ValueError`` messages of the form ``"digits: image_size must be >= 8, got 4"``
-so a spec error names the task, the option, what is allowed and what was received.
+so a spec error names the task (or head), the option, what is allowed and what was received.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,20 +20,44 @@ from torch import Tensor
 
 from transferlab.tasks.base import SPLITS, InMemoryDataset, remap_classes
 
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
-def check_int(task: str, option: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
-    """``value`` as an int within ``[minimum, maximum]``, else a ValueError naming the option."""
+
+def check_int(owner: str, option: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int within ``[minimum, maximum]``, else a ValueError naming the option.
+
+    Args:
+        owner: What the option belongs to, the message's prefix: ``"digits"``, ``"head 'vae'"``.
+    """
     allowed = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{task}: {option} must be an integer {allowed}, got {value!r}")
+        raise ValueError(f"{owner}: {option} must be an integer {allowed}, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{task}: {option} must be {allowed}, got {value!r}")
+        raise ValueError(f"{owner}: {option} must be {allowed}, got {value!r}")
     return int(value)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def check_nonnegative(owner: str, option: str, value: Any) -> float:
+    """``value`` as a float >= 0, else a ValueError naming the option (``owner`` as in :func:`check_int`)."""
+    if not _is_number(value) or not float(value) >= 0.0:
+        raise ValueError(f"{owner}: {option} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_dropout(owner: str, value: Any, option: str = "dropout") -> float:
+    """A dropout probability: a number in [0, 1), else a ValueError naming the option."""
+    if not _is_number(value) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{owner}: {option} must be in [0, 1), got {value!r}")
+    return float(value)
 
 
 def check_fraction(task: str, option: str, value: Any, *, low: float = 0.0, high: float = 0.5) -> float:
     """``value`` as a float in the open interval ``(low, high)``, else a ValueError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    if not _is_number(value):
         raise ValueError(f"{task}: {option} must be a number in ({low}, {high}), got {value!r}")
     if not low < float(value) < high:
         raise ValueError(f"{task}: {option} must be in ({low}, {high}), got {value!r}")
@@ -90,6 +118,65 @@ def check_normalization(
     return values["mean"], values["std"]
 
 
+def read_utf8_text(
+    path: Path, what: str, error: type[ValueError] = ValueError, expected: str = ""
+) -> tuple[str, bytes]:
+    """The text of a UTF-8 file (a leading byte-order mark dropped) and its bytes.
+
+    Args:
+        path: The file.
+        what: What the file is, for messages ("annotation file").
+        error: The exception class raised (a task's own ``ValueError`` subclass).
+        expected: What an empty file should have held, added to its message.
+
+    Raises:
+        error: The file cannot be read, is empty (or blank), or is not UTF-8 (the line is named).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
+    if not data.strip():
+        raise error(f"{what} '{path}' is empty" + (f"; expected {expected}" if expected else ""))
+    try:
+        return data.decode("utf-8-sig"), data
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(
+            f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+        ) from None
+
+
+def normalized_images(
+    images: Tensor, train: Tensor | np.ndarray, given: Normalization | None
+) -> tuple[Tensor, Normalization]:
+    """``images`` (float N x C x H x W in [0, 1]) normalised in place, and the (mean, std) used.
+
+    Args:
+        images: Every image of the task.
+        train: Indices of the training split's images.
+        given: Per-channel (mean, std) to use; ``None``: the training split's per-channel mean and
+            standard deviation (a channel constant over that split is only centred).
+    """
+    if given is None:
+        pixels = images[torch.as_tensor(train)]
+        mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3))
+        std = torch.where(std < 1e-6, torch.ones_like(std), std)
+        given = (tuple(mean.tolist()), tuple(std.tolist()))
+    shape = (1, images.shape[1], 1, 1)
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(shape) for v in given)
+    return images.sub_(mean_t).div_(std_t), given
+
+
+def to_unit_pixels(images: Tensor, mean: Any, std: Any) -> Tensor:
+    """Normalised images (N x C x H x W or C x H x W) back in [0, 1] pixels: ``images * std + mean``,
+    clamped; ``mean`` and ``std`` hold one value per channel (a sequence, array or tensor)."""
+    as_channels = {"dtype": images.dtype, "device": images.device}
+    mean_t = torch.as_tensor(mean, **as_channels).reshape(-1, 1, 1)
+    std_t = torch.as_tensor(std, **as_channels).reshape(-1, 1, 1)
+    return (images * std_t + mean_t).clamp_(0.0, 1.0)
+
+
 def check_split(task: str, split: str) -> None:
     """Raise a ValueError unless ``split`` is one of ``SPLITS``."""
     if split not in SPLITS:
@@ -137,3 +224,18 @@ def select_classes(
     where = torch.nonzero(keep).flatten().tolist()
     kept_extras = {name: [values[i] for i in where] for name, values in (extras or {}).items()}
     return InMemoryDataset(kept, kept_extras)
+
+
+def subset_mask(mask: Tensor, classes: Sequence[int], num_values: int) -> Tensor:
+    """``mask`` (0 background, k + 1 foreground class k) renumbered for a class subset.
+
+    Foreground class ``classes[i]`` becomes i + 1 and every other class background 0.
+
+    Args:
+        mask: Class indices, values in ``0..num_values - 1``.
+        classes: Foreground classes to keep, counted from 0 (mask value k + 1 is class k).
+        num_values: Distinct mask values, the background included.
+    """
+    lookup = torch.zeros(num_values, dtype=mask.dtype)
+    lookup[torch.tensor(list(classes)) + 1] = torch.arange(1, len(classes) + 1, dtype=mask.dtype)
+    return lookup[mask]
