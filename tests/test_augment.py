@@ -6,6 +6,7 @@ are compared un-normalised ([0, 1]), as the pipeline sees them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from transferlab.engine.augment import (
     AugmentedDataset,
     augmented_train_set,
     build_augmentation,
+    check_augmentation,
     pixel_normalization,
     transform_classes,
 )
@@ -113,15 +115,52 @@ def test_pixel_transforms_leave_mask_and_box_alone(task: Task) -> None:
     assert torch.equal(after["mask"], before["mask"]) and torch.equal(after["box"], before["box"])
 
 
-def test_a_box_pushed_out_of_the_image_keeps_its_sample_unaugmented(task: Task) -> None:
-    entries = [{"name": "Affine", "translate_percent": 0.95, "p": 1.0}]  # every shape leaves the image
-    train = augmented_train_set(task, entries, seed=0)
-    before = task.dataset("train").batch(torch.arange(8))
+OUT_OF_THE_IMAGE = [{"name": "Affine", "translate_percent": 0.95, "p": 1.0}]  # every shape leaves
+
+
+def test_a_box_target_pushed_out_of_the_image_keeps_its_sample_unaugmented() -> None:
+    boxes = build_task("shapes", {**SMALL, "target": "box"})
+    train = augmented_train_set(boxes, OUT_OF_THE_IMAGE, seed=0)
+    before = boxes.dataset("train").batch(torch.arange(8))
     with pytest.warns(UserWarning, match="moved a box entirely out of the image"):
         after = train.batch(torch.arange(8))
     assert train.unaugmented == 8
     for key in ("image", "mask", "box"):
         assert torch.equal(after[key], before[key])
+
+
+def test_a_carried_box_pushed_out_does_not_withdraw_the_augmentation(task: Task) -> None:
+    # A mask task: the box only travels along, so strong shifts still apply (the image and the mask
+    # move out of view) and the box that left the image becomes an empty one.
+    train = augmented_train_set(task, OUT_OF_THE_IMAGE, seed=0)
+    before = task.dataset("train").batch(torch.arange(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        after = train.batch(torch.arange(8))
+    assert not [w for w in caught if "out of the image" in str(w.message)]
+    assert train.unaugmented == 0
+    assert not torch.equal(after["image"], before["image"])
+    assert float((after["mask"] > 0).float().mean()) < float((before["mask"] > 0).float().mean()) / 2
+    assert torch.equal(after["box"], torch.zeros(8, 4))  # every box left (as the box-target test shows)
+
+
+def test_a_caption_target_refuses_spatial_transforms(task: Task) -> None:
+    captions = build_task("shapes", {**SMALL, "target": "caption"})
+    entries = ["ColorJitter", {"name": "HorizontalFlip", "p": 1.0}, {"name": "GaussNoise"}, "Affine"]
+    problems = check_augmentation(entries, captions)
+    assert [field for field, _ in problems] == ["augment[1].name", "augment[3].name"]
+    assert problems[0][1].startswith("'HorizontalFlip' is a spatial transform")
+    assert "changes what a caption says" in problems[0][1] and "pixel-level" in problems[0][1]
+    assert check_augmentation(["ColorJitter", "GaussNoise", "Blur"], captions) == []  # pixel-level
+    assert check_augmentation(entries, task) == []  # a mask target takes them all
+    with pytest.raises(ValueError, match=r"augment\[0\]\.name: 'VerticalFlip' is a spatial transform"):
+        augmented_train_set(captions, ["VerticalFlip"], seed=0)  # fit's path refuses them too
+    spec = SPEC.replace("head: unet", "head: {name: caption, hidden: 8}").replace(
+        "target: mask", "target: caption"
+    )
+    with pytest.raises(SpecError, match=r"augment\[0\]\.name: 'HorizontalFlip' is a spatial transform"):
+        validate_spec_text(spec + "augment: [HorizontalFlip, ColorJitter]\n")
+    assert validate_spec_text(spec + "augment: [ColorJitter]\n").primary_metric == "bleu4"
 
 
 def test_one_channel_images_are_augmented_too() -> None:

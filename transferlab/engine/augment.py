@@ -9,9 +9,17 @@ validation and test splits are never augmented, so their scores stay comparable 
 Per sample the wrapper un-normalises the image to [0, 1] pixels with the task's
 :attr:`~transferlab.tasks.base.Task.normalization`, applies the pipeline to the image (H x W x C
 float32), its ``mask`` (nearest-neighbour for geometric transforms) and its ``box`` (when the batch
-has them), then normalises again. Other fields (label, count, caption) pass unchanged. A box moved
-entirely out of the image would vanish; the sample is then kept un-augmented and counted
-(:attr:`AugmentedDataset.unaugmented`, with one warning), so no sample loses its target silently.
+has them), then normalises again. Other fields (label, count, caption) pass unchanged.
+
+When the task's target is the box, a box moved entirely out of the image would vanish; the sample is
+then kept un-augmented and counted (:attr:`AugmentedDataset.unaugmented`, with one warning), so no
+sample loses its target silently. For any other target the box is only carried along: it is
+clipped to the image as albumentations clips it, and a box moved entirely out becomes all zeros
+(an empty box), while the sample stays augmented.
+
+A caption target refuses spatial transforms (albumentations' ``DualTransform``: flips, affine,
+crops, ...): they change what the caption says ("left", "right", "top") without rewriting it.
+Pixel-level transforms (colour, noise, blur) are allowed.
 
 Each sample's random draw is seeded by (trial seed, epoch, sample index), so a trial is reproducible,
 a resumed trial redraws exactly what the interrupted one would have, and the draw does not depend on
@@ -32,6 +40,7 @@ import numpy as np
 import torch
 
 from transferlab.tasks.base import InMemoryDataset, Task
+from transferlab.tasks.splits import to_unit_pixels
 
 if TYPE_CHECKING:
     import albumentations
@@ -198,8 +207,16 @@ def pixel_normalization(task: Task) -> tuple[np.ndarray, np.ndarray]:
 class AugmentedDataset(InMemoryDataset):
     """A training split whose batches are augmented on the fly; see the module docstring.
 
+    Args:
+        dataset: The training split.
+        pipeline: The albumentations pipeline (:func:`build_augmentation`).
+        normalization: Per-channel (mean, std) of the images.
+        seed: The trial's seed; each draw is seeded by (seed, epoch, sample index).
+        target_kind: The task's target kind; "box" keeps a sample whose box left the image as it was.
+
     Attributes:
-        unaugmented: Samples kept as they were because the pipeline moved their box out of the image.
+        unaugmented: Samples kept as they were because the pipeline moved their box (the target)
+            out of the image.
     """
 
     def __init__(
@@ -208,11 +225,15 @@ class AugmentedDataset(InMemoryDataset):
         pipeline: albumentations.Compose,
         normalization: tuple[np.ndarray, np.ndarray],
         seed: int,
+        *,
+        target_kind: str,
     ) -> None:
         super().__init__(dataset.tensors, dataset.extras)
         self.pipeline = pipeline
         self.mean, self.std = (torch.from_numpy(v).view(-1, 1, 1) for v in normalization)
         self.seed, self.epoch, self.unaugmented = int(seed), 0, 0
+        #: A box pushed out of the image keeps its sample un-augmented only when the box is the target.
+        self.box_is_target = target_kind == "box"
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the augmentations of ``epoch`` (as ``DistributedSampler.set_epoch``)."""
@@ -226,7 +247,7 @@ class AugmentedDataset(InMemoryDataset):
         """The samples at ``indices``, each augmented with its own seeded draw."""
         out = super().batch(indices)  # gathered copies: the held tensors are never changed
         images, masks, boxes = out["image"], out.get("mask"), out.get("box")
-        pixels = (images * self.std + self.mean).clamp_(0.0, 1.0).permute(0, 2, 3, 1).numpy()
+        pixels = to_unit_pixels(images, self.mean, self.std).permute(0, 2, 3, 1).numpy()
         for row, index in enumerate(indices.tolist()):
             sample = self._augment(index, pixels[row], masks, boxes, row)
             if sample is None:  # the box left the image: keep this sample as it was
@@ -258,16 +279,20 @@ class AugmentedDataset(InMemoryDataset):
                 f"{result['image'].shape[0]}x{result['image'].shape[1]}; every transform must keep the "
                 "task's image size (give crops and resizes the task's image_size)"
             )
-        if boxes is not None and len(result["bboxes"]) == 0:
-            self.unaugmented += 1
-            if self.unaugmented == 1:
-                warnings.warn(
-                    "augment: a transform moved a box entirely out of the image; such samples are kept "
-                    "un-augmented (AugmentedDataset.unaugmented counts them); use smaller shifts",
-                    stacklevel=3,
-                )
-            return None
-        box = np.asarray(result["bboxes"][0], dtype=np.float32) if boxes is not None else None
+        box = None
+        if boxes is not None and len(result["bboxes"]) == 0:  # moved entirely out of the image
+            if self.box_is_target:
+                self.unaugmented += 1
+                if self.unaugmented == 1:
+                    warnings.warn(
+                        "augment: a transform moved a box entirely out of the image; such samples are "
+                        "kept un-augmented (AugmentedDataset.unaugmented counts them); use smaller shifts",
+                        stacklevel=3,
+                    )
+                return None
+            box = np.zeros(4, dtype=np.float32)  # only carried along: an empty box, see the module docstring
+        elif boxes is not None:
+            box = np.asarray(result["bboxes"][0], dtype=np.float32)
         mask = np.asarray(result["mask"]) if masks is not None else None
         return result["image"].reshape(image.shape).astype(np.float32, copy=False), mask, box
 
@@ -282,6 +307,9 @@ def augmented_train_set(task: Task, entries: Sequence[Any], seed: int) -> Augmen
     pipeline = build_augmentation(entries)
     if pipeline is None:
         raise ValueError("augment: the list of transforms is empty")
+    refused = target_problems(entries, task)
+    if refused:
+        raise ValueError("; ".join(f"{loc}: {message}" for loc, message in refused))
     normalization = pixel_normalization(task)
     train = task.dataset("train")
     if not isinstance(train, InMemoryDataset):
@@ -289,12 +317,39 @@ def augmented_train_set(task: Task, entries: Sequence[Any], seed: int) -> Augmen
             f"task '{task.name}' gives a {type(train).__name__} training split; augmentation needs an "
             "InMemoryDataset (transferlab.tasks.base)"
         )
-    return AugmentedDataset(train, pipeline, normalization, seed)
+    return AugmentedDataset(train, pipeline, normalization, seed, target_kind=task.target.kind)
+
+
+def target_problems(entries: Sequence[Any], task: Task) -> list[tuple[str, str]]:
+    """(``augment[i].name``, why) for every transform ``task``'s target cannot take.
+
+    A caption target takes no spatial transform (a ``DualTransform``): a flip, rotation, shift or
+    crop changes what the caption says about positions, and the caption is not rewritten.
+    """
+    if task.target.kind != "caption":
+        return []
+    from albumentations.core.transforms_interface import DualTransform
+
+    problems = []
+    for i, entry in enumerate(entries):
+        name = entry if isinstance(entry, str) else entry["name"]
+        if issubclass(transform_classes()[name], DualTransform):
+            problems.append(
+                (
+                    f"augment[{i}].name",
+                    f"'{name}' is a spatial transform: it moves the image, which changes what a caption "
+                    "says ('left', 'right', 'top', ...) without rewriting it; a caption target takes "
+                    "pixel-level transforms only (e.g. ColorJitter, GaussNoise, Blur)",
+                )
+            )
+    return problems
 
 
 def check_augmentation(entries: Sequence[Any], task: Task) -> list[tuple[str, str]]:
     """Problems of an ``augment`` list for ``task``, found by building it and augmenting samples."""
     problems = augmentation_problems(entries)
+    if not problems:
+        problems = target_problems(entries, task)
     if problems:
         return problems
     try:
