@@ -22,6 +22,7 @@ from transferlab.engine.assembly import build_backbone, build_head, build_model,
 from transferlab.engine.fit import FitConfig, fit
 from transferlab.engine.image_samples import CELL_INCHES, DPI, write_image_samples
 from transferlab.engine.model import TransferModel
+from transferlab.heads.vae import LOGVAR_RANGE, evaluation_noise
 from transferlab.registry import HEADS
 from transferlab.service.spec import load_spec, validate_spec_text
 from transferlab.service.spec_yaml import SpecError
@@ -211,6 +212,51 @@ def test_vae_evaluation_is_deterministic_and_decodes_the_mean(image_task: Task) 
     torch.testing.assert_close(first["reconstruction_logits"], mean_logits)
     assert not torch.equal(first["posterior_sample_logits"], first["reconstruction_logits"])
     assert len(features) == 3 and float(first["beta"]) == 1.0
+
+
+def test_vae_evaluation_noise_follows_the_sample_not_the_row(image_task: Task) -> None:
+    torch.manual_seed(0)
+    model = build_model(("convnet", {"widths": [8, 16, 32]}), ("vae", {"latent_dim": 4}), image_task)
+    data = image_task.dataset("val")
+    model.eval()
+    with torch.no_grad():
+        whole = model(data.batch(torch.arange(6)))
+        picked = model(data.batch(torch.tensor([5, 2])))  # sample 5 in row 0, sample 2 in row 1
+        twice = model({**data.batch(torch.tensor([3, 3]))})  # one sample twice: the same noise
+        batch = data.batch(torch.arange(6))
+        del batch["index"]
+        unindexed = model(batch)
+    sampled = "posterior_sample_logits"
+    torch.testing.assert_close(picked[sampled][0], whole[sampled][5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(picked[sampled][1], whole[sampled][2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(twice[sampled][0], twice[sampled][1], atol=1e-5, rtol=1e-5)
+    # Without ``index`` the row seeds the noise: sample 0 sits in row 0 either way.
+    torch.testing.assert_close(unindexed[sampled][0], whole[sampled][0], atol=1e-5, rtol=1e-5)
+    noise = evaluation_noise({"index": torch.tensor([7, 7, 8])}, 3, 4)
+    assert noise.dtype == torch.float32 and noise.device.type == "cpu"
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+
+
+def test_vae_kl_is_float32_under_autocast_and_logvar_is_clamped(image_task: Task) -> None:
+    torch.manual_seed(0)
+    model = build_model(("convnet", {"widths": [8, 16]}), ("vae", {"latent_dim": 4}), image_task).eval()
+    batch = image_task.dataset("val").batch(torch.arange(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(batch)
+    assert model.head.posterior(torch.zeros(1, model.head.posterior.in_features)).dtype == torch.float32
+    for key in ("mu", "logvar", "kl"):
+        assert outputs[key].dtype == torch.float32, key  # not bfloat16, though the layer ran in it
+    torch.testing.assert_close(outputs["kl"], gaussian_kl(outputs["mu"], outputs["logvar"]))
+    with torch.no_grad():  # a posterior whose log-variance runs away: exp(100) overflows float32
+        model.head.posterior.bias[4:] = 100.0
+        huge = model(batch)
+        model.head.posterior.bias[4:] = -100.0
+        tiny = model(batch)
+    assert float(huge["logvar"].max()) == LOGVAR_RANGE[1] and float(tiny["logvar"].min()) == LOGVAR_RANGE[0]
+    for outputs in (huge, tiny):
+        assert bool(
+            torch.isfinite(outputs["kl"]).all() and torch.isfinite(outputs["posterior_sample_logits"]).all()
+        )
 
 
 def test_head_options_and_their_errors(image_task: Task) -> None:

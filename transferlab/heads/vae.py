@@ -9,9 +9,18 @@ Decoder: a linear layer (+ ReLU) from ``z`` to a small map of the pooled grid's 
 
 In training the reconstruction decodes a sample ``z``. In evaluation ``reconstruction`` decodes
 ``mu`` (the sharpest picture, what PSNR and SSIM score) and ``posterior_sample_logits`` decode one
-sample drawn with a fixed seed, so the ELBO the objective reports stays a one-sample estimate and
-evaluation stays deterministic. Outputs: ``reconstruction_logits``, ``reconstruction``, ``mu``,
-``logvar``, ``kl`` (N, nats, summed over the latent dimensions) and ``beta`` (the KL weight).
+sample, so the ELBO the objective reports stays a one-sample estimate. That sample's noise is drawn
+per sample on the CPU from a generator seeded by (``EVAL_NOISE_SEED``, the sample's ``index`` in its
+data set) and then moved to the device: a sample gets the same noise whatever batch it lands in and
+on CPU and GPU alike, and different samples get different noise. A batch without ``index`` seeds
+by the row's position in the batch instead (deterministic, but row i of every such batch then
+shares its noise); every bundled and user task gives ``index``.
+
+The posterior's ``logvar`` is clamped to ``LOGVAR_RANGE`` before ``exp`` (a variance of e^20 or
+e^-30 is already far outside what a useful posterior has; beyond that exp overflows float16 and
+then float32), and ``mu``, ``logvar`` and the KL term are computed in float32 even under autocast.
+Outputs: ``reconstruction_logits``, ``reconstruction``, ``mu``, ``logvar`` (clamped; float32),
+``kl`` (N, nats, summed over the latent dimensions; float32) and ``beta`` (the KL weight).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -42,7 +52,8 @@ from transferlab.tasks.splits import check_int, check_nonnegative
 
 ENCODER_GRID = 4  # cells per side of the pooled posterior input and the decoded seed map (at most)
 SEED_CHANNELS = 256  # at most this many channels in the map the latent is decoded to
-EVAL_NOISE_SEED = 0  # the posterior sample of evaluation (ELBO) is the same every time
+EVAL_NOISE_SEED = 0  # with each sample's index, seeds the posterior sample of evaluation (ELBO)
+LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped to this before exp
 
 
 class VAEHead(Head):
@@ -93,13 +104,13 @@ class VAEHead(Head):
     def forward(self, features: list[Tensor], batch: dict[str, Any]) -> dict[str, Tensor]:
         size = input_size(batch, self.input_key, self.image_size)
         pooled = F.adaptive_avg_pool2d(features[self.stage], self.grid).flatten(1)
-        mu, logvar = self.posterior(pooled).chunk(2, dim=1)
+        mu, logvar = self.posterior(pooled).float().chunk(2, dim=1)  # float32 under autocast too
+        logvar = logvar.clamp(*LOGVAR_RANGE)
         std = torch.exp(0.5 * logvar)
         if self.training:
             outputs = image_outputs(self.decode(mu + std * torch.randn_like(std), size))
         else:
-            generator = torch.Generator(device=mu.device).manual_seed(EVAL_NOISE_SEED)
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            eps = evaluation_noise(batch, len(mu), self.latent_dim).to(mu.device)
             outputs = image_outputs(self.decode(mu, size))
             outputs["posterior_sample_logits"] = self.decode(mu + std * eps, size)
         outputs.update(
@@ -116,6 +127,21 @@ class VAEHead(Head):
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator).to(device)
         return torch.sigmoid(self.decode(z, self.image_size))
+
+
+def evaluation_noise(batch: dict[str, Any], n: int, latent_dim: int) -> Tensor:
+    """float32 N x latent_dim standard normal noise on the CPU, each row seeded by its sample.
+
+    Row i is drawn from a generator seeded by (``EVAL_NOISE_SEED``, ``batch["index"][i]``), or by
+    (``EVAL_NOISE_SEED``, i) when the batch has no ``index``; see the module docstring.
+    """
+    index = batch.get("index") if isinstance(batch, dict) else None
+    keys = index.tolist() if isinstance(index, Tensor) and len(index) == n else range(n)
+    rows = []
+    for key in keys:
+        seed = int(np.random.SeedSequence([EVAL_NOISE_SEED, int(key)]).generate_state(1)[0])
+        rows.append(torch.randn(latent_dim, generator=torch.Generator().manual_seed(seed)))
+    return torch.stack(rows) if rows else torch.zeros(0, latent_dim)
 
 
 @HEADS.register("vae")
