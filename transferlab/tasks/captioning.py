@@ -9,10 +9,12 @@ The ``shapes`` captions have a fixed vocabulary taken from the grammar's own wor
 fewer than ``min_count`` times become ``<unk>``) and ``max_length`` from its longest caption.
 
 Metrics (:class:`CaptionObjective`) score the head's decoded ids ``outputs["caption_pred"]`` against
-the batch's captions: corpus-level BLEU-1..4 (torchmetrics' ``BLEUScore``, uniform weights, no
-smoothing, whitespace tokens) and the share of captions decoded exactly. A sample may carry several
-references (``batch["references"]``: a list of strings per sample); the sample's ``caption`` is the
-only one otherwise. References are compared in the tokenised form (lower case, single spaces).
+the batch's captions: corpus-level BLEU-1..4 (torchmetrics' BLEU, uniform weights, no smoothing,
+whitespace tokens) and the share of captions decoded exactly. The ids are kept per batch and decoded
+once per split (:func:`caption_score`), so a training step pays no host synchronisation for them.
+A sample may carry several references (``batch["references"]``: a list of strings per sample); the
+sample's ``caption`` is the only one otherwise. References are compared in the tokenised form (lower
+case, single spaces).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -30,6 +33,7 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 BLEU_ORDERS = (1, 2, 3, 4)
+SCORES = (*(f"bleu{n}" for n in BLEU_ORDERS), "exact_match")
 # The literal words of the shapes grammar (``transferlab.tasks.shapes.caption`` writes them in its
 # f-strings: "a <size> <colour> <kind>", "<np> at the <place>", "... and <np> ..."). Every other word is
 # read from the generator's own lists and functions by :func:`shapes_grammar`.
@@ -176,23 +180,65 @@ class CaptionObjective:
         return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD_ID)
 
     def metrics(self) -> dict[str, Any]:
-        from torchmetrics.aggregation import MeanMetric
-        from torchmetrics.text import BLEUScore
-
-        out: dict[str, Any] = {f"bleu{n}": BLEUScore(n_gram=n) for n in BLEU_ORDERS}
-        out["exact_match"] = MeanMetric()
-        return out
+        return {name: caption_score(name, self.vocabulary) for name in SCORES}
 
     def update_metrics(
         self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]
     ) -> None:
-        predicted = outputs["caption_pred"]
-        hypotheses = self.decode(predicted)
+        predicted = outputs["caption_pred"].detach()
         references = caption_references(batch)
-        for n in BLEU_ORDERS:
-            metrics[f"bleu{n}"].update(hypotheses, references)
-        exact = [float(h in refs) for h, refs in zip(hypotheses, references, strict=True)]
-        metrics["exact_match"].update(torch.tensor(exact, device=predicted.device))
+        for name in SCORES:
+            metrics[name].update(predicted, references)
+
+
+def caption_score(name: str, vocabulary: Sequence[str]) -> Any:
+    """A torchmetrics ``Metric`` for one of ``SCORES`` (BLEU-n or exact match) over a whole split.
+
+    ``update(ids, references)`` only keeps the decoded ids (on their device) and the references: no
+    host synchronisation and no Python decoding per batch, which matters in training, where every
+    step updates the (teacher-forced, optimistic) train metrics. ``compute()`` decodes every id once
+    and scores the corpus: BLEU-n equal to torchmetrics' ``BLEUScore(n_gram=n)`` fed batch by batch
+    (corpus-level counts), exact match the share of captions equal to one of their references.
+    """
+    return _caption_score_class()(name, tuple(vocabulary))
+
+
+@cache
+def _caption_score_class() -> type:
+    """The ``Metric`` subclass of :func:`caption_score`, made on first use (torchmetrics loads slowly)."""
+    from torchmetrics import Metric
+    from torchmetrics.functional.text import bleu_score
+
+    class CaptionScore(Metric):
+        full_state_update = False
+
+        def __init__(self, name: str, vocabulary: tuple[str, ...]) -> None:
+            super().__init__()
+            self.name, self.vocabulary = name, vocabulary
+            self.add_state("predictions", default=[], dist_reduce_fx=None)
+            self.references: list[list[str]] = []  # strings, kept beside the tensor state
+
+        def update(self, predicted: Tensor, references: list[list[str]]) -> None:
+            self.predictions.append(predicted)
+            self.references.extend(references)
+
+        def reset(self) -> None:
+            super().reset()
+            self.references = []
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError(f"{self.name}: call update() per batch, then compute()")
+
+        def compute(self) -> Tensor:
+            hypotheses = [h for ids in self.predictions for h in decode(ids, self.vocabulary)]
+            if self.name == "exact_match":
+                exact = [h in refs for h, refs in zip(hypotheses, self.references, strict=True)]
+                return torch.tensor(sum(exact) / len(exact) if exact else float("nan"))
+            if not hypotheses:
+                return torch.tensor(0.0)
+            return bleu_score(hypotheses, self.references, n_gram=int(self.name.removeprefix("bleu")))
+
+    return CaptionScore
 
 
 def caption_references(batch: dict[str, Any]) -> list[list[str]]:
