@@ -331,3 +331,19 @@ def test_resume_continues_exactly(name: str, tmp_path: Path) -> None:
         assert torch.equal(weightings[-1].generator.get_state(), weightings[0].generator.get_state())
     else:  # pcgrad's weights are always 1
         assert len({row["train/weight/a"] for row in straight.history}) > 1  # the weights did move
+
+
+def test_multitask_arms_share_their_initial_trunk() -> None:
+    """Every weighting and every single-task baseline of a seed and depth starts from one trunk."""
+    from transferlab.engine.trial import init_seed
+
+    arm = {"seed": 3, "split": "all", "depth": 0}
+    seeds = {
+        init_seed({**arm, "study": "multitask", "condition": "equal"}),
+        init_seed({**arm, "study": "multitask", "condition": "pcgrad"}),
+        init_seed({**arm, "condition": "single:seg", "role": "single"}),
+    }
+    assert len(seeds) == 1
+    assert init_seed({**arm, "study": "multitask", "condition": "equal", "seed": 4}) not in seeds
+    # transfer studies keep independent initialisations per condition (Yosinski et al.)
+    assert init_seed({**arm, "condition": "AnB"}) != init_seed({**arm, "condition": "BnB"})

@@ -23,8 +23,15 @@ def init_seed(config: dict[str, Any]) -> int:
     Base nets A and B, and the re-initialised upper stages of every transfer net, must start from
     independent random weights, as in Yosinski et al. (2014); the spec's seed alone would give
     every trial of a seed the same initial weights. The seed still fixes the data order.
+
+    The arms of a multitask study (one trial per weighting, and the ``single:<key>`` baselines) are
+    compared with each other, so they share one initialisation per (seed, split, depth): the trunk,
+    built first, starts from the same weights in every arm.
     """
-    key = [config["seed"], config.get("split"), config.get("condition"), config.get("depth")]
+    condition = config.get("condition")
+    if config.get("study") == "multitask" or str(condition).startswith("single:"):
+        condition = "multitask-arm"
+    key = [config["seed"], config.get("split"), condition, config.get("depth")]
     return int(stable_hash(key), 16) % 2**31
 
 
