@@ -15,7 +15,7 @@ import torch
 
 from transferlab.engine.assembly import build_backbone, build_model, build_task
 from transferlab.engine.checkpoint import load_backbone_stages, load_state, read_checkpoint_metadata
-from transferlab.engine.fit import FitConfig, FitResult, NonFiniteLossError
+from transferlab.engine.fit import FitConfig, FitResult, NonFiniteLossError, fit
 from transferlab.engine.multitask import MultitaskModel, build_multitask_model, fit_multitask
 from transferlab.engine.trial import run_trial
 from transferlab.engine.weightings import Weighting, build_weighting
@@ -93,8 +93,11 @@ def test_three_heads_train_with_every_weighting(name: str, tasks: dict[str, Task
         assert weights == [1.0, 1.0, 1.0]
     elif name == "fixed":
         assert weights == [1.0, 2.0, 0.5]
-    elif name in ("dwa", "gradnorm"):
+    elif name == "dwa":
+        assert weights == [1.0, 1.0, 1.0]  # DWA's weights are 1 in the first two epochs
+    elif name == "gradnorm":
         assert sum(weights) == pytest.approx(3.0, abs=1e-5)
+        assert max(abs(w - 1.0) for w in weights) > 0.01  # and they moved from 1
     else:
         assert weights != [1.0, 1.0, 1.0]  # uncertainty's log-variances are trained
     state = load_state(result.checkpoint)
@@ -103,6 +106,55 @@ def test_three_heads_train_with_every_weighting(name: str, tasks: dict[str, Task
     trained = [k for k in state if k.endswith("weight") and not torch.equal(state[k], start[k])]
     assert any(k.startswith("backbone.stages.0.") for k in trained)
     assert {k.split(".")[1] for k in trained if k.startswith("heads.")} == set(tasks)
+
+
+def test_one_task_at_weight_zero_trains_exactly_like_fit_on_the_other(tasks: dict[str, Task]) -> None:
+    # The whole loop pinned against fit(): same data order, trunk pass, optimiser groups, schedule,
+    # evaluation and model selection. The seg head runs and gets zero gradients.
+    torch.manual_seed(3)
+    single = build_model(BACKBONE, ("classify", {}), tasks["cls"])
+    two = {"cls": tasks["cls"], "seg": tasks["seg"]}
+    multi = model_for(two)
+    multi.backbone.load_state_dict(single.backbone.state_dict())
+    multi.heads["cls"].load_state_dict(single.head.state_dict())
+    settings = config(epochs=3, device="cpu")  # bit-exact on the CPU (cuDNN may pick other kernels)
+    alone = fit(single, tasks["cls"], settings)
+    joint = fit_multitask(
+        multi, two, build_weighting("fixed", list(two), {"weights": {"cls": 1.0, "seg": 0.0}}), settings
+    )
+    assert len(alone.history) == len(joint.history) == 3
+    for a, j in zip(alone.history, joint.history, strict=True):
+        for split, name in [("train", "loss"), ("train", "accuracy"), ("val", "loss"), ("val", "accuracy")]:
+            assert j[f"{split}/cls/{name}"] == a[f"{split}/{name}"], (split, name)
+        assert j["lr"] == a["lr"] and j["train/weight/seg"] == 0.0
+    assert joint.test["cls/accuracy"] == alone.test["accuracy"]
+    assert joint.test["cls/loss"] == alone.test["loss"]
+    assert joint.steps == alone.steps  # (the best epochs may differ: val/score counts seg too)
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa"])
+def test_the_logged_weight_is_the_mean_of_the_weights_each_step_applied(
+    name: str, tasks: dict[str, Task]
+) -> None:
+    weighting = build_weighting(name, list(tasks))
+    applied: list[dict[str, float]] = []
+    backward = weighting.backward
+
+    def spy(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter]) -> torch.Tensor:
+        applied.append(weighting.weights())  # what this step's backward pass uses
+        return backward(losses, shared)
+
+    weighting.backward = spy  # type: ignore[method-assign]
+    result = fit_multitask(model_for(tasks), tasks, weighting, config(epochs=3))
+    assert len(applied) == 6  # 2 steps per epoch
+    for epoch, row in enumerate(result.history):
+        steps = applied[2 * epoch : 2 * epoch + 2]
+        for key in tasks:
+            assert row[f"train/weight/{key}"] == pytest.approx(sum(w[key] for w in steps) / 2, abs=1e-7)
+    if name == "dwa":  # constant within an epoch: the weights of epoch 3 from epochs 1 and 2
+        assert applied[4] == applied[5] != applied[0]
+    else:  # these change every step, so the mean differs from the weights at the epoch's end
+        assert weighting.weights() != applied[-1]
 
 
 def test_frozen_trunk_stages_stay_bit_identical(tasks: dict[str, Task]) -> None:
@@ -247,6 +299,21 @@ def multitask_trial(weighting: str, **overrides: object) -> dict:
     }
 
 
+def single_trial() -> dict:
+    """A single-task trial config of the same tasks' kind (``run_trial``'s own path)."""
+    trial = multitask_trial("equal", freeze_depth=0, depth=0)
+    for key in ("study", "tasks", "weighting"):
+        del trial[key]
+    trial.update(
+        role="single",
+        condition="single:cls",
+        task={"name": "shapes", "options": {**SMALL, "target": "label"}},
+        head={"name": "classify", "options": {}},
+        primary_metric="accuracy",
+    )
+    return trial
+
+
 def test_run_trial_dispatches_a_multitask_trial(tmp_path: Path) -> None:
     rows: list[dict[str, float]] = []
     result, facts = run_trial(
@@ -254,7 +321,11 @@ def test_run_trial_dispatches_a_multitask_trial(tmp_path: Path) -> None:
         checkpoint_path=tmp_path / "m.safetensors",
         on_epoch=lambda e, r: rows.append(r),
     )
-    assert set(facts) == {"data_hash", "copied_tensors", "num_stages", "resumed_from_epoch"}
+    # The same facts as a single-task trial (whose feature cache is off here: nothing frozen).
+    _, single_facts = run_trial(single_trial(), checkpoint_path=tmp_path / "single" / "s.safetensors")
+    assert set(facts) == set(single_facts)
+    assert facts["feature_cache"] == "off" and facts["feature_cache_reason"].startswith("multitask")
+    assert facts["torch_threads"] == torch.get_num_threads()
     assert facts["num_stages"] == 3 and facts["copied_tensors"] == 0 and len(facts["data_hash"]) == 16
     assert len(rows) == 1 and "train/weight/seg" in rows[0] and "seg/miou" in result.test
     assert not (tmp_path / "resume.pt").exists()  # the training state goes once the checkpoint exists
@@ -280,6 +351,23 @@ def test_early_stopping_follows_the_validation_score(tasks: dict[str, Task]) -> 
     scores = [row["val/score"] for row in result.history]
     assert result.epochs_run < 12 and result.test_epoch == result.best_epoch
     assert scores[result.best_epoch - 1] == max(scores)
+
+
+def assert_same_state(ours: object, theirs: object, where: str) -> None:
+    """Exact equality of a state entry: tensors by ``torch.equal``, containers item by item."""
+    if isinstance(ours, torch.Tensor):
+        assert isinstance(theirs, torch.Tensor) and ours.dtype == theirs.dtype, where
+        assert torch.equal(ours, theirs), where
+    elif isinstance(ours, dict):
+        assert isinstance(theirs, dict) and ours.keys() == theirs.keys(), where
+        for key in ours:
+            assert_same_state(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(ours, (list, tuple)):
+        assert type(ours) is type(theirs) and len(ours) == len(theirs), where  # type: ignore[arg-type]
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):  # type: ignore[call-overload]
+            assert_same_state(a, b, f"{where}[{i}]")
+    else:
+        assert ours == theirs, where
 
 
 class Crash(Exception):
@@ -326,7 +414,9 @@ def test_resume_continues_exactly(name: str, tmp_path: Path) -> None:
     # The weighting's own state continued too (uncertainty's and GradNorm's weights, DWA's loss
     # history, PCGrad's generator), whatever a fresh one started from.
     ours, theirs = weightings[-1].state_dict(), weightings[0].state_dict()
-    assert ours.keys() == theirs.keys() and str(ours) == str(theirs)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert_same_state(ours[key], theirs[key], key)
     if name == "pcgrad":
         assert torch.equal(weightings[-1].generator.get_state(), weightings[0].generator.get_state())
     else:  # pcgrad's weights are always 1

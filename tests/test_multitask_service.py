@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -264,10 +265,12 @@ HAND_TRIALS: list[tuple[str, int, str, Any]] = [
 ]
 
 
-def fill_store(store: Store, *, baselines: bool = True) -> int:
+def fill_store(
+    store: Store, *, baselines: bool = True, trials: list[tuple[str, int, str, Any]] = HAND_TRIALS
+) -> int:
     exp_id = make_experiment(store, "mt-hand", study="multitask")
     records, values = [], {}
-    for condition, seed, status, value in HAND_TRIALS:
+    for condition, seed, status, value in trials:
         if condition.startswith("single:") and not baselines:
             continue
         multi = not condition.startswith("single:")
@@ -319,22 +322,62 @@ def test_relative_change_negative_transfer_and_delta_m(store: Store, db_url: str
     rec = rows[("rec", "equal")]
     assert rec["change_pct"] == pytest.approx(-25.0) and rec["negative_transfer"]
     assert rows[("rec", "uncertainty")]["change_pct"] == pytest.approx(50.0)
-    assert rows[("cls", "uncertainty")]["change_pct"] == pytest.approx(-25.0)
-    assert rows[("cls", "uncertainty")]["n"] == 1  # the failed seed is left out
+    # Seed 1 of uncertainty failed: its change compares seed 0 with seed 0's baseline (0.75), not with
+    # the mean of both baseline seeds (0.8).
+    cls = rows[("cls", "uncertainty")]
+    assert (cls["n"], cls["single_n"], cls["single_mean"]) == (1, 1, pytest.approx(0.75))
+    assert cls["change_pct"] == pytest.approx(-20.0)
     assert rows[("cls", "equal")]["delta_m_pct"] == pytest.approx(-7.5)
-    assert rows[("rec", "uncertainty")]["delta_m_pct"] == pytest.approx(12.5)
+    assert rows[("rec", "uncertainty")]["delta_m_pct"] == pytest.approx(15.0)
     assert "left out: 1 failed" in frame.attrs["summary"]
+    assert frame.attrs["unpaired"] == [
+        "cls under uncertainty at depth 0: seed 1 has no multitask value",
+        "rec under uncertainty at depth 0: seed 1 has no multitask value",
+    ]
     assert transferlab.results("mt-hand", db=db_url).equals(frame)
+
+
+def test_changes_compare_the_same_seeds(store: Store) -> None:
+    extra = [
+        ("equal", 2, "completed", {"cls": 0.5, "rec": 0.5}),  # no baseline at seed 2
+        ("single:cls", 3, "completed", 0.1),  # no multitask trial at seed 3
+        ("dwa", 5, "completed", {"cls": 0.7, "rec": 0.3}),  # pairs with no baseline seed
+    ]
+    frame = multitask_frame(store, fill_store(store, trials=[*HAND_TRIALS, *extra]))
+    rows = by_task_and_weighting(frame)
+    cls = rows[("cls", "equal")]  # seeds 0 and 1 on both sides; seeds 2 and 3 left out
+    assert (cls["mean"], cls["n"], cls["single_mean"], cls["single_n"]) == (
+        pytest.approx(0.88), 2, pytest.approx(0.8), 2,
+    )  # fmt: skip
+    assert cls["change_pct"] == pytest.approx(10.0)
+    assert rows[("rec", "equal")]["n"] == 2 and rows[("rec", "equal")]["change_pct"] == pytest.approx(-25.0)
+    dwa = rows[("cls", "dwa")]  # no seed pairs up: the multitask value alone, no comparison
+    assert (dwa["mean"], dwa["n"], dwa["single_n"]) == (pytest.approx(0.7), 1, 0)
+    assert math.isnan(dwa["change_pct"]) and math.isnan(dwa["delta_m_pct"])
+    assert frame.attrs["unpaired"] == [
+        "cls under equal at depth 0: seed 3 has no multitask value, seed 2 has no single-task value",
+        "rec under equal at depth 0: seed 2 has no single-task value",
+        "cls under uncertainty at depth 0: seeds 1, 3 have no multitask value",
+        "rec under uncertainty at depth 0: seed 1 has no multitask value",
+        "cls under dwa at depth 0: seeds 0, 1, 3 have no multitask value, seed 5 has no single-task value",
+        "rec under dwa at depth 0: seeds 0, 1 have no multitask value, seed 5 has no single-task value",
+    ]
+    summary = frame.attrs["summary"]
+    assert "; unpaired seeds, left out of the comparison: cls under equal at depth 0: seed 3" in summary
+    table = format_multitask(frame, "table", title="t")
+    assert "rec under equal at depth 0: seed 2 has no single-task value" in table
 
 
 def test_formats(store: Store) -> None:
     frame = multitask_frame(store, fill_store(store))
     table = format_multitask(frame, "table", title="hand")
     assert "0.880 ± 0.057 (+10.0%)" in table and "0.250 ± 0.000 (-25.0%!)" in table
-    assert "mse ↓" in table and "Δm" in table and "-7.5%" in table and "*+12.5%*" in table
+    assert "mse ↓" in table and "Δm" in table and "-7.5%" in table and "*+15.0%*" in table
+    # One seed of uncertainty: compared with that seed's baseline, which the cell names.
+    assert "0.600 (n=1) (-20.0%! vs 0.750)" in table and "'vs x'" in table
     markdown = format_multitask(frame, "markdown", title="hand").splitlines()
     assert markdown[2] == "| depth | task | metric | single | equal | uncertainty |"
-    assert "| 0 | Δm | mean change |  | -7.5% | **+12.5%** |" in markdown
+    assert "| 0 | Δm | mean change |  | -7.5% | **+15.0%** |" in markdown
     records = json.loads(format_multitask(frame, "json", title="hand"))
     assert (
         len(records) == 4
@@ -381,12 +424,28 @@ def test_cli_results_and_plot(store: Store, db_url: str, tmp_path: Path) -> None
     runner = CliRunner(env={"COLUMNS": "250"})
     result = runner.invoke(cli, ["results", str(exp_id), "--db", db])
     assert result.exit_code == 0, result.output
-    assert "multitask vs single-task" in result.output and "(+50.0%)" in result.output
+    assert "multitask vs single-task" in result.output and "(+50.0% vs 0.200)" in result.output
     result = runner.invoke(cli, ["results", str(exp_id), "--db", db, "-O", "json"])
     assert len(json.loads(result.output)) == 4
     result = runner.invoke(cli, ["plot", str(exp_id), "--db", db, "-o", str(tmp_path / "f.png")])
     assert result.exit_code == 0, result.output
     assert "figures written to" in result.output and (tmp_path / "f-change.png").is_file()
+
+
+def test_cli_results_says_what_is_missing_when_every_multitask_trial_failed(
+    store: Store, db_url: str
+) -> None:
+    failed = [
+        (c, seed, "failed" if c in ("equal", "uncertainty") else st, v) for c, seed, st, v in HAND_TRIALS
+    ]
+    exp_id = fill_store(store, trials=failed)
+    frame = multitask_frame(store, exp_id)
+    assert frame.empty and list(frame.columns) == list(MULTITASK_COLUMNS)
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(cli, ["results", str(exp_id), "--db", db_url])
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert "has no completed multitask trial with a test value, so there is nothing to compare" in message
+    assert "(0 multitask and 4 single-task trials with test values; left out: 4 failed;" in message
 
 
 # -- one tiny study through Ray ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ from transferlab import registry as registry_module
 from transferlab.cli.main import cli
 from transferlab.engine import weightings as weightings_module
 from transferlab.engine.weightings import (
+    DWA_LOSS_FLOOR,
     GradNorm,
     PCGrad,
     Weighting,
@@ -175,15 +176,31 @@ def test_dwa_weights_are_equal_for_two_epochs_then_favour_the_task_whose_loss_fe
     assert fresh.weights() == dwa.weights()
 
 
+def test_dwa_clamps_zero_or_negative_mean_losses_instead_of_failing(caplog: pytest.LogCaptureFixture) -> None:
+    # A plugin task's loss may be <= 0 (a Gaussian negative log-likelihood, say): the trial goes on.
+    dwa = build_weighting("dwa", ["nll", "cls"], {"temperature": 2.0})
+    with caplog.at_level("WARNING", logger="transferlab.engine.weightings"):
+        dwa.end_epoch({"nll": -0.5, "cls": 1.0})
+        dwa.end_epoch({"nll": 0.0, "cls": 0.5})
+    assert "weighting 'dwa': mean training losses of tasks ['nll'] are below 1e-08" in caplog.text
+    assert dwa.history == [[DWA_LOSS_FLOOR, 1.0], [DWA_LOSS_FLOOR, 0.5]]
+    expected = 2 * torch.softmax(torch.tensor([1.0, 0.5]) / 2.0, dim=0)  # ratios 1 (clamped) and 0.5
+    assert list(dwa.weights().values()) == pytest.approx(expected.tolist())
+    with pytest.raises(ValueError, match=r"weighting 'dwa' needs finite mean losses; tasks \['cls'\]"):
+        dwa.end_epoch({"nll": 0.1, "cls": math.inf})
+
+
 # -- GradNorm ------------------------------------------------------------------------------------------
 
 
-def test_gradnorm_raises_the_weight_of_the_task_that_trains_slower_and_keeps_the_sum() -> None:
+def test_gradnorm_balances_gradient_norms_and_keeps_the_sum() -> None:
+    # The gradient-norm part of GradNorm: a task whose loss (so its gradient) is 10 times larger gets
+    # the smaller weight, whatever alpha is.
     torch.manual_seed(0)
     net = TwoHeads()
     net.heads = nn.ModuleDict({k: nn.Linear(16, 1) for k in ("fast", "slow")})
     directions = {"fast": torch.randn(8), "slow": torch.randn(8)}
-    scale = {"fast": 10.0, "slow": 1.0}  # the fast task's loss (so its gradient) is 10 times larger
+    scale = {"fast": 10.0, "slow": 1.0}
     weighting = build_weighting("gradnorm", ["fast", "slow"], {"alpha": 1.5})
     assert weighting.optimised_parameters() == []  # its weights have their own optimiser
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
@@ -200,6 +217,96 @@ def test_gradnorm_raises_the_weight_of_the_task_that_trains_slower_and_keeps_the
     assert history[-1]["slow"] > 1.5 > 0.5 > history[-1]["fast"]
     initial = weighting.initial_losses
     assert torch.isfinite(initial).all() and float(initial[0]) > float(initial[1])  # the first step's
+
+
+def test_gradnorm_training_rate_term_raises_the_weight_of_a_task_that_stopped_learning() -> None:
+    # Equal gradient norms by construction (d L_i / d W = e_i, so G_i = w_i): only r_i^alpha can move
+    # the weights. The "learning" task's loss falls 3% a step, the other's stays at 1.
+    def run(alpha: float) -> list[dict[str, float]]:
+        shared = nn.Parameter(torch.zeros(1, 2))
+        weighting = build_weighting("gradnorm", ["learning", "stuck"], {"alpha": alpha})
+        history = []
+        for step in range(100):
+            losses = {"learning": 2.0 * 0.97**step + shared[0, 0], "stuck": 1.0 + shared[0, 1]}
+            weighting.backward(losses, [shared])
+            history.append(weighting.weights())
+        return history
+
+    assert all(w == {"learning": 1.0, "stuck": 1.0} for w in run(0.0))  # alpha 0: norms already equal
+    history = run(1.5)
+    stuck = [w["stuck"] for w in history]
+    assert all(b > a for a, b in zip(stuck[:40], stuck[1:40], strict=False))  # it rises steadily
+    assert stuck[-1] > 1.9  # towards K = 2 (its target mean(G) r^1.5 exceeds what the sum allows)
+    assert all(sum(w.values()) == pytest.approx(2.0, abs=1e-5) for w in history)
+
+
+def test_gradnorm_alpha_gives_more_weight_to_a_task_whose_loss_plateaus() -> None:
+    # Two regression tasks of the same scale (unit-variance targets) on one shared layer: one target
+    # is learnable, the other fresh noise, whose loss stays near 1. Gradient balancing alone (alpha 0)
+    # already favours the noise task (its batch gradient is incoherent, so smaller); the training-rate
+    # term (alpha 1.5) must add clearly more.
+    def final_noise_weight(alpha: float) -> float:
+        torch.manual_seed(0)
+        net, direction = TwoHeads(), torch.randn(8)
+        direction = direction / direction.norm()
+        weighting = build_weighting("gradnorm", ["signal", "noise"], {"alpha": alpha})
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        for _ in range(150):
+            x = torch.randn(64, 8)
+            targets = {"signal": x @ direction, "noise": torch.randn(64)}
+            out = net(x)
+            losses = {k: nn.functional.mse_loss(out[k], targets[k]) for k in targets}
+            optimizer.zero_grad()
+            weighting.backward(losses, list(net.shared.parameters()))
+            optimizer.step()
+        return weighting.weights()["noise"]
+
+    plain, with_rate = final_noise_weight(0.0), final_noise_weight(1.5)
+    assert with_rate > 1.7 and with_rate > plain + 0.25
+
+
+def gradnorm_step_by_hand(
+    w: list[float], initial: list[float], losses: list[float], norms: list[float], alpha: float, lr: float
+) -> list[float]:
+    """One GradNorm weight update in plain floats (Chen et al. 2018, with Adam's first step)."""
+    k = len(w)
+    ratio = [lt / l0 for lt, l0 in zip(losses, initial, strict=True)]  # L~_i = L_i(t) / L_i(0)
+    r = [x / (sum(ratio) / k) for x in ratio]  # relative inverse training rates
+    g = [wi * ni for wi, ni in zip(w, norms, strict=True)]  # G_i = ||grad_W w_i L_i||
+    target = [sum(g) / k * ri**alpha for ri in r]  # held constant
+    # d/dw_i sum_j |G_j - target_j| = sign(G_i - target_i) n_i; Adam's first step moves each weight
+    # by lr * grad / (|grad| + eps).
+    grad = [math.copysign(ni, gi - ti) for ni, gi, ti in zip(norms, g, target, strict=True)]
+    stepped = [wi - lr * gr / (abs(gr) + 1e-8) for wi, gr in zip(w, grad, strict=True)]
+    return [k * x / sum(stepped) for x in stepped]  # renormalised to sum K
+
+
+@pytest.mark.parametrize(
+    ("w", "initial", "losses", "norms", "expected"),
+    [
+        # Three tasks, G_i above its target for a and c, below for b.
+        ([0.5, 1.0, 1.5], [2.0, 1.0, 4.0], [1.0, 0.9, 1.0], [2.0, 1.0, 0.5], None),
+        # r = (0.1, 1.9): b trains slowly and gains weight. Had the target's mean(G) been
+        # differentiated, its gradient would outweigh |G_b - target_b|'s and lower b's weight too.
+        ([1.0, 1.0], [2.0, 1.0], [0.1, 0.95], [1.0, 1.0], [0.9, 1.1]),
+    ],
+)
+def test_gradnorm_update_step_matches_a_hand_computation(
+    w: list[float],
+    initial: list[float],
+    losses: list[float],
+    norms: list[float],
+    expected: list[float] | None,
+) -> None:
+    weighting = GradNorm([f"t{i}" for i in range(len(w))], alpha=1.5, lr=0.1)
+    weighting.initial_losses.copy_(torch.tensor(initial))
+    with torch.no_grad():
+        weighting.task_weights.copy_(torch.tensor(w))
+    weighting.update_weights(torch.tensor(losses), torch.tensor(norms))
+    by_hand = gradnorm_step_by_hand(w, initial, losses, norms, alpha=1.5, lr=0.1)
+    if expected is not None:
+        assert by_hand == pytest.approx(expected, rel=1e-6)
+    assert weighting.task_weights.tolist() == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_gradnorm_with_no_shared_parameter_keeps_equal_weights() -> None:

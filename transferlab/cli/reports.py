@@ -27,6 +27,13 @@ def show_results(experiment: str, db: str | None, output: str) -> None:
         counts = store.trial_counts(info.id)
     finally:
         store.close()
+    if frame.empty and info.study == "multitask":
+        # Baselines alone give no row: say what is missing, not that nothing completed.
+        raise click.ClickException(
+            f"experiment {info.id} ({info.name}, {info.status}) has no completed multitask trial with a "
+            f"test value, so there is nothing to compare ({frame.attrs['summary']}; trials by status: "
+            f"{counts})"
+        )
     if frame.empty:
         raise click.ClickException(
             f"experiment {info.id} ({info.name}, {info.status}) has no completed trials "

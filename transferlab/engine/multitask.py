@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transferlab.backbones.base import Backbone
 from transferlab.engine.assembly import build_backbone, build_head, build_task
 from transferlab.engine.checkpoint import save_checkpoint
+from transferlab.engine.feature_cache import FeatureCache
 from transferlab.engine.fit import (
     EpochCallback,
     FitConfig,
@@ -49,6 +50,9 @@ from transferlab.engine.multitask_batches import (
 )
 from transferlab.engine.weightings import Weighting, build_weighting
 from transferlab.tasks.base import SPLITS, Task, stable_hash
+
+#: Why a multitask trial records the frozen-prefix feature cache as off (only ``fit`` has one).
+MULTITASK_NO_CACHE = "multitask: fit_multitask runs the frozen stages every step (no feature cache)"
 
 
 class MultitaskModel(TransferModel):
@@ -207,6 +211,8 @@ class MultitaskLoop:
         self.model, self.tasks, self.weighting, self.config = model, tasks, weighting, config
         self.device = resolve_device(config.device)
         model.to(self.device)
+        if config.channels_last:  # as fit does: 4-D weights in NHWC memory format
+            model.to(memory_format=torch.channels_last)
         weighting.to(self.device)
         self.use_amp = config.amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.optimizer = build_optimizer(model, config)
@@ -249,6 +255,7 @@ class MultitaskLoop:
         """
         model, tasks = self.model.train(), self.tasks
         tally, combined, count = Tally(tasks, self.device), 0.0, 0
+        applied = dict.fromkeys(tasks, 0.0)  # sums of the weights each step applied
         shared = model.shared_parameters()
         for batches in self.batches("train"):
             batches = batches_to_device(batches, self.device, model.input_key)
@@ -261,6 +268,10 @@ class MultitaskLoop:
                 if not math.isfinite(value):
                     raise NonFiniteLossError(epoch, steps, value)
             self.optimizer.zero_grad(set_to_none=True)
+            # Read before the step: the weights this backward pass applies (GradNorm and uncertainty
+            # change theirs during the step).
+            for k, w in self.weighting.weights().items():
+                applied[k] += w
             total = float(self.weighting.backward(losses, shared))
             if not math.isfinite(total):
                 raise NonFiniteLossError(epoch, steps, total)
@@ -270,6 +281,7 @@ class MultitaskLoop:
                 tally.add(k, values[k], outputs[k], batch, len(batch[model.input_key]))
         row = {"train/loss": combined / max(count, 1)}
         row.update({f"train/{k}": v for k, v in tally.values().items()})
+        row.update({f"train/weight/{k}": w / max(count, 1) for k, w in applied.items()})
         return row, steps
 
     def evaluate(self, split: str) -> dict[str, float]:
@@ -289,10 +301,9 @@ class MultitaskLoop:
         return values
 
     def run_epoch(self, epoch: int, steps: int) -> tuple[dict[str, float], int]:
-        """Train, log the weights used, let the weighting see the epoch, step the schedule, validate."""
+        """Train (logging the mean weights applied), let the weighting see the epoch, step the schedule,
+        validate."""
         row, steps = self.train_epoch(epoch, steps)
-        weights = self.weighting.weights()
-        row.update({f"train/weight/{k}": w for k, w in weights.items()})
         self.weighting.end_epoch({k: row[f"train/{k}/loss"] for k in self.tasks})
         lr_used = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "head")
         if self.schedule is not None:
@@ -366,10 +377,12 @@ def fit_multitask(
     """Train ``model``'s heads jointly on ``tasks`` with ``weighting`` and evaluate each task.
 
     Rows passed to ``on_epoch(epoch, row)``: ``train/loss`` (combined), ``train/<key>/loss``,
-    ``train/<key>/<metric>``, ``train/weight/<key>``, ``lr``, ``val/<key>/loss``,
+    ``train/<key>/<metric>``, ``train/weight/<key>`` (the mean over the epoch's steps of the weight
+    each step applied), ``lr``, ``val/<key>/loss``,
     ``val/<key>/<metric>`` and ``val/score`` (mean of each task's primary metric, negated where lower is
     better), which early stopping and the best epoch follow. ``FitResult.test`` has the same keys
     without the split. Resuming works as in ``fit`` (the weighting's state is saved too).
+    ``FitResult.feature_cache`` says the frozen-prefix feature cache is off (``fit`` only).
 
     Raises:
         NonFiniteLossError: A loss became NaN or infinite.
@@ -377,7 +390,8 @@ def fit_multitask(
     started = time.perf_counter()
     check_keys(model, tasks, weighting)
     loop = MultitaskLoop(model, tasks, weighting, config)
-    result = FitResult()
+    # The same facts as fit's cache decision, so multitask and single-task trials record the same keys.
+    result = FitResult(feature_cache=FeatureCache(False, MULTITASK_NO_CACHE).report())
     resume_file = Path(resume_path) if resume_path is not None else None
     saved = load_training_state(resume_file) if resume_file is not None else None
     if saved is not None:  # continue an interrupted run; report the earlier epochs again
@@ -427,7 +441,8 @@ def run_multitask_trial(
         threads: Torch intra-op threads (the trial's CPU share).
 
     Returns:
-        The fit result and facts for provenance (data hash, copied tensors, stages, resumed epoch).
+        The fit result and facts for provenance: the keys ``run_trial`` returns (data hash, copied
+        tensors, stages, resumed epoch, torch threads, the feature cache's facts: off, "multitask").
     """
     from transferlab.engine.trial import copy_base_stages, fit_config, init_seed, seed_everything
 
@@ -470,4 +485,6 @@ def run_multitask_trial(
     if resume_path is not None:
         resume_path.unlink(missing_ok=True)
     facts["resumed_from_epoch"] = result.resumed_from
+    facts["torch_threads"] = torch.get_num_threads()
+    facts.update(result.feature_cache)
     return result, facts

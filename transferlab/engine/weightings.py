@@ -2,8 +2,9 @@
 
 A strategy is a ``Weighting`` (an ``nn.Module``) built by a factory registered in
 ``transferlab.registry.WEIGHTINGS`` as ``factory(task_keys, **options)``. ``fit_multitask`` calls
-``backward(losses, shared)`` once per step (after ``zero_grad``), ``weights()`` when it logs an epoch
-and ``end_epoch(mean_losses)`` after each training epoch. Parameters returned by
+``weights()`` and then ``backward(losses, shared)`` once per step (after ``zero_grad``; the logged
+weight of an epoch is the mean of the weights read before each step's backward pass) and
+``end_epoch(mean_losses)`` after each training epoch. Parameters returned by
 ``optimised_parameters()`` join the model's optimiser; everything a strategy must remember to resume
 exactly lives in its ``state_dict()`` (parameters, buffers and ``get_extra_state``).
 
@@ -14,6 +15,7 @@ Built-ins (formulas in ``docs/weightings.md``): ``equal``, ``fixed``, ``uncertai
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +25,8 @@ from torch import Tensor, nn
 
 from transferlab.engine.assembly import check_options
 from transferlab.registry import WEIGHTINGS
+
+log = logging.getLogger(__name__)
 
 
 def _number(name: str, option: str, value: Any, *, minimum: float, strict: bool) -> float:
@@ -84,7 +88,8 @@ class Weighting(nn.Module):
         return total.detach()
 
     def weights(self) -> dict[str, float]:
-        """The current weight of each task, for logging."""
+        """The weight of each task that the next ``backward`` applies (read before every step, logged
+        as the epoch's mean)."""
         return dict(zip(self.task_keys, self.loss_weights().tolist(), strict=True))
 
     def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
@@ -183,13 +188,19 @@ def uncertainty(task_keys: Sequence[str]) -> Weighting:
     return UncertaintyWeighting(task_keys)
 
 
+#: DWA's smallest mean loss: a loss below it (zero or negative) is raised to it before the ratios.
+DWA_LOSS_FLOOR = 1e-8
+
+
 class DynamicWeightAverage(Weighting):
     """Dynamic weight average (Liu, Johns and Davison, CVPR 2019, "End-to-end multi-task learning
     with attention").
 
     ``w_i(t) = K exp(r_i(t-1) / T) / sum_j exp(r_j(t-1) / T)`` with ``r_i(t-1) = L_i(t-1) / L_i(t-2)``,
     the ratio of task i's mean training losses of the two previous epochs; weights are 1 in the first
-    two epochs. A task whose loss fell slower (a larger ratio) gets more weight.
+    two epochs. A task whose loss fell slower (a larger ratio) gets more weight. The ratios assume
+    positive losses: a mean loss below ``DWA_LOSS_FLOOR`` (a plugin task's loss may be <= 0) is
+    raised to it, with a warning, so the trial goes on (its ratios then say little).
     """
 
     name = "dwa"
@@ -208,10 +219,20 @@ class DynamicWeightAverage(Weighting):
 
     def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
         values = [float(mean_losses[k]) for k in self.task_keys]
-        bad = [k for k, v in zip(self.task_keys, values, strict=True) if not (math.isfinite(v) and v > 0)]
+        bad = [k for k, v in zip(self.task_keys, values, strict=True) if not math.isfinite(v)]
         if bad:
-            raise ValueError(f"weighting 'dwa' needs positive finite mean losses; tasks {bad} have {values}")
-        self.history = [*self.history, values][-2:]
+            raise ValueError(f"weighting 'dwa' needs finite mean losses; tasks {bad} have {values}")
+        low = [k for k, v in zip(self.task_keys, values, strict=True) if v < DWA_LOSS_FLOOR]
+        if low:  # a plugin task's loss may be <= 0 (e.g. a negative log-likelihood of a density)
+            log.warning(
+                "weighting 'dwa': mean training losses of tasks %s are below %g (%s); DWA's loss ratios "
+                "assume positive losses, so they are clamped to %g",
+                low,
+                DWA_LOSS_FLOOR,
+                values,
+                DWA_LOSS_FLOOR,
+            )
+        self.history = [*self.history, [max(v, DWA_LOSS_FLOOR) for v in values]][-2:]
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"history": self.history}

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from transferlab.service.report import ReportError, _save_atomically
+from transferlab.service.report import ReportError, save_png
 from transferlab.service.store import Store
 
 FIGURE_SUFFIXES = ("", "-weights", "-change")
@@ -72,7 +72,7 @@ def plot_multitask(
         raise ReportError("nothing to plot: no completed multitask trials with a test value")
     for draw, out in zip((_draw_metrics, _draw_weights, _draw_change), paths, strict=True):
         figure = draw(frame, weights, title)
-        _save_atomically(figure, out)
+        save_png(figure, out)
     return paths
 
 
@@ -121,10 +121,11 @@ def _draw_metrics(frame: pd.DataFrame, weights: pd.DataFrame, title: str) -> Any
                 capsize=2,
                 label=label,
             )
-            alone = at["single_mean"].dropna()
-            if not alone.empty:
+            alone = at.dropna(subset=["single_mean"])
+            if not alone.empty:  # the baseline over the most seed pairs (all of them, unless one failed)
                 tag = f"single-task, depth {depth}" if len(depths) > 1 else "single-task"
-                ax.axhline(alone.iloc[0], linestyle="--", color=colors[i], linewidth=1.2, label=tag)
+                value = alone.loc[alone["single_n"].idxmax(), "single_mean"]
+                ax.axhline(value, linestyle="--", color=colors[i], linewidth=1.2, label=tag)
         first = rows.iloc[0]
         arrow = "higher" if first["higher_is_better"] else "lower"
         ax.set_title(f"{task}: {first['metric']} ({arrow} is better)", fontsize="medium")
@@ -211,7 +212,7 @@ def _draw_change(frame: pd.DataFrame, weights: pd.DataFrame, title: str) -> Any:
         ax.set_yticks(range(len(tasks) + 1), [*tasks, "Δm (mean)"])
         ax.set_title(f"freeze depth {depth}", fontsize="medium")
         figure.colorbar(image, ax=ax, label="change over single-task (%), + = better", shrink=0.9)
-    if frame["single_n"].eq(0).all():
+    if frame["single_n"].eq(0).all() and not frame.attrs.get("unpaired"):
         figure.text(0.5, 0.5, "no single-task baselines in this experiment", ha="center", fontsize="large")
     figure.suptitle(f"{title}: relative change over single-task training")
     return figure

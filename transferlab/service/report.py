@@ -323,7 +323,7 @@ def plot_transfer(frame: pd.DataFrame, path: str | os.PathLike[str], *, title: s
     axes.set_ylabel(f"test {metric_name} (target task)")
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small", frameon=False)
-    _save_atomically(figure, path)
+    save_png(figure, path)
     return path
 
 
@@ -378,8 +378,9 @@ def _draw_single(axes: Any, frame: pd.DataFrame) -> None:
     axes.set_xlabel("seed")
 
 
-def _save_atomically(figure: Any, path: Path) -> None:
-    """Write the PNG beside ``path`` and rename it over ``path``, so no reader sees half a file."""
+def save_png(figure: Any, path: str | os.PathLike[str]) -> None:
+    """Write a matplotlib ``figure`` as a PNG (150 dpi, mode 644) at ``path`` atomically: to a temporary
+    file beside it, then renamed over it, so no reader sees half a file. Every report figure uses it."""
     from transferlab.atomic import atomic_path
 
     with atomic_path(path, mode=0o644) as temporary:  # a plot is for sharing, not private

@@ -99,56 +99,112 @@ def trial_values(store: Store, experiment_id: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).astype({"depth": "int64", "seed": "int64", "value": "float64"})
 
 
+def paired_values(values: pd.DataFrame) -> tuple[pd.DataFrame, dict[tuple[str, str, int], str]]:
+    """Each multitask value beside the single-task value of the same task, depth and seed.
+
+    Where a task has baseline values at a depth, a (weighting, task, depth) keeps only the seeds with
+    a value on both sides, so a change never compares different seed sets; where it has none (no
+    baselines, or none of them completed) or no seed pairs up, the multitask values stand alone
+    (``single`` NaN). Returns the rows (weighting, task, depth, seed, value, single) and, for each
+    (weighting, task, depth) with unpaired seeds, a phrase naming them.
+    """
+    keys = ["task", "depth", "seed"]
+    multi = values.loc[values["kind"] == "multitask", ["weighting", *keys, "value"]]
+    single = values.loc[values["kind"] == "single", [*keys, "value"]].rename(columns={"value": "single"})
+    # Every baseline seed under every weighting run at that (task, depth), then matched by seed.
+    runs = multi[["weighting", "task", "depth"]].drop_duplicates()
+    baselines = runs.merge(single, on=["task", "depth"])
+    both = multi.merge(baselines, on=["weighting", *keys], how="outer")
+    paired = both["value"].notna() & both["single"].notna()
+    run = [both["weighting"], both["task"], both["depth"]]
+    has_pairs = paired.groupby(run).transform("any")
+    has_baseline = both["single"].notna().groupby(run).transform("any")
+    unpaired = both[~paired & has_baseline].groupby(["weighting", "task", "depth"], sort=True)
+    notes = {(w, t, int(d)): _seeds_without(rows) for (w, t, d), rows in unpaired}
+    keep = paired | (~has_pairs & both["value"].notna())
+    return both[keep].reset_index(drop=True), notes
+
+
+def _seeds_without(rows: pd.DataFrame) -> str:
+    """``seed 1 has no multitask value, seeds 2, 3 have no single-task value``."""
+    parts = []
+    for missing, side in (("value", "multitask"), ("single", "single-task")):
+        seeds = sorted(int(s) for s in rows.loc[rows[missing].isna(), "seed"])
+        if seeds:
+            many = len(seeds) > 1
+            listed = ", ".join(map(str, seeds))
+            parts.append(f"seed{'s' if many else ''} {listed} {'have' if many else 'has'} no {side} value")
+    return ", ".join(parts)
+
+
 def multitask_frame(store: Store, experiment_id: int | str) -> pd.DataFrame:
     """The multitask comparison: one row per (task, weighting, freeze depth) over completed trials.
 
-    Columns (``MULTITASK_COLUMNS``): task, metric, higher_is_better; weighting, depth; mean, std, n of
-    the multitask test value over seeds; single_mean, single_std, single_n of the single-task
-    baseline at the same depth (NaN and 0 without one); change_pct (positive = better than alone);
-    negative_transfer (change < 0; missing without a baseline); delta_m_pct (the weighting's mean
-    change over all tasks at that depth; NaN unless every task has a change). ``frame.attrs`` holds
-    ``summary`` (a one-line account of the trials) and ``weightings`` / ``tasks`` in spec order.
+    Multitask and single-task values are paired by seed first (``paired_values``): where a task has a
+    baseline, both sides are taken over the same seeds. Columns (``MULTITASK_COLUMNS``): task, metric,
+    higher_is_better; weighting, depth; mean, std, n of the multitask test value (n = the seed pairs,
+    or every seed without a baseline); single_mean, single_std, single_n of the single-task baseline at
+    the same depth over the same seeds (NaN and 0 without one); change_pct (positive = better than
+    alone); negative_transfer (change < 0; missing without a baseline); delta_m_pct (the weighting's
+    mean change over all tasks at that depth; NaN unless every task has a change). ``frame.attrs``
+    holds ``summary`` (a one-line account of the trials and the seeds left unpaired), ``unpaired``
+    (those seeds, one line per task, weighting and depth) and ``weightings`` / ``tasks`` in spec order.
     """
     info = store.find_experiment(experiment_id)
     trials = store.trials(info.id)
     facts = task_metrics(trials)
     values = trial_values(store, info.id)
     weightings = list(dict.fromkeys(t.condition for t in trials if t.role == "multitask"))
-    stats = {"mean": "mean", "std": "std", "n": "count"}
-    multi = values[values["kind"] == "multitask"].groupby(["task", "weighting", "depth"])["value"]
-    single = values[values["kind"] == "single"].groupby(["task", "depth"])["value"]
-    frame = multi.agg(**stats).reset_index()
-    alone = single.agg(**{f"single_{k}": v for k, v in stats.items()}).reset_index()
-    frame = frame.merge(alone, on=["task", "depth"], how="left")
-    frame["single_n"] = frame["single_n"].fillna(0).astype("int64")
+    pairs, notes = paired_values(values)
+    group = pairs.groupby(["task", "weighting", "depth"])
+    frame = group["value"].agg(mean="mean", std="std", n="count")
+    frame = frame.join(group["single"].agg(single_mean="mean", single_std="std", single_n="count"))
+    frame = frame.reset_index()
     frame["metric"] = frame["task"].map(lambda k: facts[k].metric)
     frame["higher_is_better"] = frame["task"].map(lambda k: facts[k].higher_is_better)
     sign = frame["task"].map(lambda k: facts[k].sign).astype("float64")
     base = frame["single_mean"].where(frame["single_mean"] != 0)
     frame["change_pct"] = sign * (frame["mean"] - base) / base.abs() * 100
     frame["negative_transfer"] = (frame["change_pct"] < 0).astype("boolean").mask(frame["change_pct"].isna())
-    complete = frame.groupby(["weighting", "depth"])["change_pct"].transform(
+    frame["delta_m_pct"] = frame.groupby(["weighting", "depth"])["change_pct"].transform(
         lambda c: c.mean() if c.notna().all() and len(c) == len(facts) else math.nan
     )
-    frame["delta_m_pct"] = complete
     order = {"task": list(facts), "weighting": weightings}
     frame = frame.sort_values(
         ["depth", "weighting", "task"],
         key=lambda c: c.map(order[c.name].index) if c.name in order else c,
     )
     frame = frame[list(MULTITASK_COLUMNS)].reset_index(drop=True)
-    counts = info.trial_counts
-    left_out = ", ".join(f"{n} {s}" for s, n in counts.items() if s != "completed" and n)
-    n_multi = values.loc[values["kind"] == "multitask", "trial_id"].nunique()
-    n_single = values.loc[values["kind"] == "single", "trial_id"].nunique()
-    summary = f"{n_multi} multitask and {n_single} single-task trials with test values"
+    rank = {w: i for i, w in enumerate(weightings)} | {t: i for i, t in enumerate(facts)}
+    unpaired = [
+        f"{t} under {w} at depth {d}: {notes[w, t, d]}"
+        for w, t, d in sorted(notes, key=lambda k: (k[2], rank.get(k[0], 0), rank.get(k[1], 0)))
+    ]
     frame.attrs.update(
-        summary=f"{summary}; left out: {left_out}" if left_out else summary,
+        summary=_summary(values, info.trial_counts, unpaired),
+        unpaired=unpaired,
         tasks=list(facts),
         weightings=weightings,
         name=info.name,
     )
     return frame
+
+
+def _summary(values: pd.DataFrame, counts: dict[str, int], unpaired: list[str]) -> str:
+    """``4 multitask and 4 single-task trials with test values; left out: 1 failed; unpaired ...``."""
+    n_multi = values.loc[values["kind"] == "multitask", "trial_id"].nunique()
+    n_single = values.loc[values["kind"] == "single", "trial_id"].nunique()
+    parts = [f"{n_multi} multitask and {n_single} single-task trials with test values"]
+    left_out = ", ".join(f"{n} {s}" for s, n in counts.items() if s != "completed" and n)
+    if left_out:
+        parts.append(f"left out: {left_out}")
+    if unpaired:
+        parts.append(_unpaired_text(unpaired))
+    return "; ".join(parts)
+
+
+def _unpaired_text(unpaired: list[str]) -> str:
+    return f"unpaired seeds, left out of the comparison: {'; '.join(unpaired)}"
 
 
 # -- formats --------------------------------------------------------------------------------------
@@ -192,7 +248,8 @@ def format_multitask(frame: pd.DataFrame, fmt: str, *, title: str, digits: int =
         lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
         lines.append("|" + "|".join("---:" if h == "depth" else ":---" for h in header) + "|")
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join([*lines, "", f"_{caption.replace(chr(10), '; ')}_"]) + "\n"
+        flat = caption.replace(":\n", ": ").replace("\n", "; ")
+        return "\n".join([*lines, "", f"_{flat}_"]) + "\n"
     from rich.console import Console
     from rich.table import Table
 
@@ -232,13 +289,18 @@ def _wide_rows(frame: pd.DataFrame, digits: int, bold: str) -> tuple[list[str], 
     for depth, at_depth in frame.groupby("depth", sort=True):
         by_task = at_depth.groupby("task", sort=False)
         for task, task_rows in by_task:
-            first = task_rows.iloc[0]
+            # The single column shows the baseline over the most seed pairs; a weighting compared
+            # with fewer (other seeds) names its own baseline value in its cell.
+            first = task_rows.loc[task_rows["single_n"].idxmax()]
             arrow = "↑" if first["higher_is_better"] else "↓"
             cells = {}
             for _, r in task_rows.iterrows():
                 text = _cell(r["mean"], r["std"], int(r["n"]), common, digits)
                 if not math.isnan(r["change_pct"]):
-                    text += f" ({r['change_pct']:+.1f}%{NEGATIVE_MARK if r['change_pct'] < 0 else ''})"
+                    other = r["single_n"] != first["single_n"] or r["single_mean"] != first["single_mean"]
+                    versus = f" vs {r['single_mean']:.{digits}f}" if other else ""
+                    mark = NEGATIVE_MARK if r["change_pct"] < 0 else ""
+                    text += f" ({r['change_pct']:+.1f}%{mark}{versus})"
                 cells[r["weighting"]] = text
             single = _cell(first["single_mean"], first["single_std"], int(first["single_n"]), common, digits)
             row = [str(depth), str(task), f"{first['metric']} {arrow}", single]
@@ -255,7 +317,10 @@ def _wide_rows(frame: pd.DataFrame, digits: int, bold: str) -> tuple[list[str], 
 
 
 def _caption(frame: pd.DataFrame, best: str) -> str:
-    summary = frame.attrs.get("summary", "")
+    summary, unpaired = frame.attrs.get("summary", ""), frame.attrs.get("unpaired", [])
+    if unpaired:  # one line per unpaired (task, weighting, depth) rather than one long line
+        summary = summary.removesuffix(f"; {_unpaired_text(unpaired)}")
+        summary = "\n".join([summary, "unpaired seeds, left out of the comparison:", *unpaired])
     if frame.empty:
         return f"no completed multitask trials with a test value yet\n{summary}"
     lines = [
@@ -265,6 +330,11 @@ def _caption(frame: pd.DataFrame, best: str) -> str:
         f"{NEGATIVE_MARK}: negative transfer",
         f"Δm: the weighting's mean change over the tasks (Maninis et al. 2019), best {best}",
     ]
-    if frame["single_n"].eq(0).all():
+    if frame.attrs.get("unpaired"):
+        lines.append(
+            "a change compares only seeds with both values (n = pairs); 'vs x': the single-task value "
+            "of that weighting's pairs"
+        )
+    if frame["single_n"].eq(0).all() and not frame.attrs.get("unpaired"):
         lines.append("no single-task baselines (multitask.single_task_baselines: false): no changes")
     return "\n".join([*lines, summary])
