@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench bench-full bench-gpu
 
 EXAMPLE := examples/plugin-example
 
@@ -30,3 +30,21 @@ lint: $(STAMP)
 
 clean:
 	rm -rf transferlab-runs transferlab.db transferlab.db-wal transferlab.db-shm quickstart.png .pytest_cache
+
+# Benchmarks (benchmarks/README.md): each prints its ratio against a baseline run in the same process
+# and writes a JSON record under benchmarks/results/. `bench` runs the quick variants (minutes on 2
+# CPUs); `bench-full` the full sizes (the whole yosinski-digits study, naive and through Ray: longer).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.trainer_throughput --quick
+	$(BIN)/python -m benchmarks.feature_cache_effect --quick
+	$(BIN)/python -m benchmarks.store_queries --quick
+	$(BIN)/python -m benchmarks.study_walltime --quick
+
+bench-full: $(STAMP)
+	$(BIN)/python -m benchmarks.trainer_throughput
+	$(BIN)/python -m benchmarks.feature_cache_effect
+	$(BIN)/python -m benchmarks.store_queries
+	$(BIN)/python -m benchmarks.study_walltime
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.trainer_throughput --device cuda

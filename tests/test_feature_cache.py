@@ -71,7 +71,7 @@ def test_cache_holds_exactly_what_the_frozen_stages_compute() -> None:
     for split in SPLITS:
         images = task.dataset(split).tensors["image"]
         expected = model.forward_frozen(images)
-        got = [cache.splits[split].tensors[key] for key in feature_cache.feature_keys(2)]
+        got = [cache.splits[split].features[key] for key in feature_cache.feature_keys(2)]
         assert len(got) == 2 and all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     # the model fed a cached batch gives exactly what it gives on the images themselves
     cached_batch = cache.splits["val"].batch(torch.arange(7))
@@ -133,7 +133,7 @@ def test_half_precision_storage_is_close_and_fed_back_as_float32() -> None:
     model, task = tiny(depth=2)
     full, half = prepare(model, task), prepare(model, task, dtype="float16")
     assert computed(half) == [True, True, True]  # the storage dtype is part of the key
-    stored = half.splits["train"].tensors[feature_cache.feature_keys(2)[-1]]
+    stored = half.splits["train"].features[feature_cache.feature_keys(2)[-1]]
     assert stored.dtype == torch.float16
     batch = half.splits["train"].batch(torch.arange(16))
     reference = full.splits["train"].batch(torch.arange(16))
@@ -155,7 +155,7 @@ def test_a_trial_with_the_cache_gives_the_same_metrics_as_without() -> None:
     # every sample computed once; then 2 more training epochs, 2 more val passes (test passes once)
     assert facts["feature_cache_misses"] == sum(n.values())
     assert facts["feature_cache_hits"] == 2 * (n["train"] + n["val"])
-    assert facts["feature_cache_seconds_saved"] > 0 and plain.feature_cache["feature_cache"] == "off"
+    assert plain.feature_cache["feature_cache"] == "off"
     assert len(cached.history) == len(plain.history) == 3
     for row_cached, row_plain in zip(cached.history, plain.history, strict=True):
         assert row_cached == pytest.approx(row_plain, rel=1e-5, abs=1e-6)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from transferlab.engine.model import FROZEN_FEATURES_PREFIX, frozen_feature_keys
+from transferlab.engine.model import frozen_feature_keys
 from transferlab.tasks.base import InMemoryDataset, Task, stable_hash
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,11 @@ class Entry:
 
     features: list[Tensor]
     seconds: float  # wall time of the one pass that computed them
+    seconds_per_sample: float  # the prefix's steady cost per sample (median over full batches)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.features)
-
-    @property
-    def seconds_per_sample(self) -> float:
-        return self.seconds / max(len(self.features[0]), 1)
 
 
 class FeatureStore:
@@ -113,21 +111,27 @@ def prefix_hash(stages: Sequence[torch.nn.Module]) -> str:
 
 
 class CachedFeatureDataset(InMemoryDataset):
-    """An in-memory split with its frozen-prefix features as extra fields; counts the samples it serves."""
+    """An in-memory split whose batches also carry the frozen prefix's cached outputs.
+
+    ``features`` maps the batch fields ``frozen_features.<i>`` to their tensors (all samples); a
+    batch gets them sliced and as float32. It counts the samples it serves and the time slicing
+    their features takes (the cache's own cost, set against the prefix passes it saves).
+    """
 
     def __init__(self, base: InMemoryDataset, entry: Entry, computed_here: bool) -> None:
-        fields = dict(base.tensors)
-        fields.update(zip(feature_keys(len(entry.features)), entry.features, strict=True))
-        super().__init__(fields, base.extras)
+        super().__init__(dict(base.tensors), base.extras)
+        self.features = dict(zip(feature_keys(len(entry.features)), entry.features, strict=True))
         self.entry = entry
-        self.served = 0
         self.computed_here = computed_here
+        self.served = 0
+        self.serve_seconds = 0.0
 
     def batch(self, indices: Tensor) -> dict[str, Any]:
         out = super().batch(indices)
-        for key in self.tensors:
-            if key.startswith(FROZEN_FEATURES_PREFIX) and out[key].dtype != torch.float32:
-                out[key] = out[key].float()
+        started = time.perf_counter()
+        for key, features in self.features.items():
+            out[key] = features[indices].float()
+        self.serve_seconds += time.perf_counter() - started
         self.served += len(indices)
         return out
 
@@ -150,7 +154,9 @@ class FeatureCache:
 
         A hit is a sample whose prefix output came from the cache; a miss one whose output was
         computed (once per sample and split, unless another trial had computed it). The time saved
-        is the hits times the measured per-sample cost of the prefix pass that filled the entry.
+        is the hits times the per-sample cost of the prefix measured when the entry was filled, less
+        the time spent slicing cached features into batches (it can be negative: a cheap, wide
+        first stage costs more to gather than to compute).
         """
         out: dict[str, Any] = {"feature_cache": "on" if self.enabled else "off"}
         if not self.enabled:
@@ -162,7 +168,7 @@ class FeatureCache:
             computed = len(data) if data.computed_here else 0
             split_hits = max(data.served - computed, 0)
             hits, misses = hits + split_hits, misses + computed
-            saved += split_hits * data.entry.seconds_per_sample
+            saved += split_hits * data.entry.seconds_per_sample - data.serve_seconds
         out.update(
             feature_cache_dtype=self.dtype,
             feature_cache_hits=hits,
@@ -268,12 +274,21 @@ def compute(
     was_training = model.training
     model.eval()
     parts: list[list[Tensor]] = []
+    full_batches: list[float] = []  # seconds of each full batch: the steady cost, without warm-ups
     try:
         inputs = dataset.tensors[model.input_key]
         for start in range(0, len(dataset), batch_size):
+            tick = time.perf_counter()
             x = inputs[start : start + batch_size].to(device, non_blocking=True)
             parts.append([f.to("cpu", dtype) for f in model.forward_frozen(x)])
+            if len(x) == batch_size:
+                full_batches.append(time.perf_counter() - tick)
     finally:
         model.train(was_training)
-    features = [torch.cat(stage) for stage in zip(*parts, strict=True)] if parts else []
-    return Entry(features, time.perf_counter() - started)
+    features = [torch.cat(stage) for stage in zip(*parts, strict=True)]
+    seconds = time.perf_counter() - started
+    if full_batches:
+        per_sample = statistics.median(full_batches) / batch_size
+    else:
+        per_sample = seconds / len(dataset)
+    return Entry(features, seconds, per_sample)

@@ -334,7 +334,7 @@ def fit(
         enabled=config.feature_cache,
         dtype=config.feature_cache_dtype,
         max_mb=config.feature_cache_max_mb,
-        batch_size=config.eval_batch_size,
+        batch_size=config.batch_size,  # on CPU large batches run the prefix slower per sample
         device=device,
     )
     train_set, val_set, test_set = (
