@@ -444,13 +444,17 @@ def run_multitask_trial(
         The fit result and facts for provenance: the keys ``run_trial`` returns (data hash, copied
         tensors, stages, resumed epoch, torch threads, the feature cache's facts: off, "multitask").
     """
-    from transferlab.engine.trial import copy_base_stages, fit_config, init_seed, seed_everything
+    from transferlab.engine.trial import (
+        copy_base_stages,
+        finish_facts,
+        fit_config,
+        resume_path_for,
+        start_trial,
+    )
 
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
     if config.get("augment"):
         raise ValueError(f"trial {config.get('trial_key')}: multitask trials do not support augment yet")
-    seed_everything(init_seed(config))
+    start_trial(config, threads)
     specs = config["tasks"]
     tasks = {
         k: build_task(s["task"]["name"], s["task"].get("options"), classes=config.get("classes"))
@@ -471,7 +475,7 @@ def run_multitask_trial(
         "copied_tensors": len(copied),
         "num_stages": model.backbone.num_stages,
     }
-    resume_path = Path(checkpoint_path).with_name("resume.pt") if checkpoint_path is not None else None
+    resume_path = resume_path_for(checkpoint_path)
     result = fit_multitask(
         model,
         tasks,
@@ -482,9 +486,4 @@ def run_multitask_trial(
         checkpoint_metadata={"trial_key": config.get("trial_key"), "freeze_depth": model.freeze_depth},
         resume_path=resume_path,
     )
-    if resume_path is not None:
-        resume_path.unlink(missing_ok=True)
-    facts["resumed_from_epoch"] = result.resumed_from
-    facts["torch_threads"] = torch.get_num_threads()
-    facts.update(result.feature_cache)
-    return result, facts
+    return result, finish_facts(result, facts, resume_path)

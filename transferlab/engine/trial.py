@@ -66,6 +66,29 @@ def copy_base_stages(model: nn.Module, config: dict[str, Any]) -> list[str]:
     return load_backbone_stages(model, base, int(config["copy_depth"]))
 
 
+def start_trial(config: dict[str, Any], threads: int | None) -> None:
+    """Set the trial's torch threads (its CPU share) and seed its initialisation, before building."""
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    seed_everything(init_seed(config))
+
+
+def resume_path_for(checkpoint_path: str | Path | None) -> Path | None:
+    """The training state beside the checkpoint (``resume.pt``): a retried or resumed trial continues
+    after its last finished epoch; it is removed once the final checkpoint exists."""
+    return Path(checkpoint_path).with_name("resume.pt") if checkpoint_path is not None else None
+
+
+def finish_facts(result: FitResult, facts: dict[str, Any], resume_path: Path | None) -> dict[str, Any]:
+    """Drop the training state now the checkpoint exists; add the facts every kind of trial records."""
+    if resume_path is not None:
+        resume_path.unlink(missing_ok=True)
+    facts["resumed_from_epoch"] = result.resumed_from
+    facts["torch_threads"] = torch.get_num_threads()
+    facts.update(result.feature_cache)
+    return facts
+
+
 def run_trial(
     config: dict[str, Any],
     *,
@@ -90,9 +113,7 @@ def run_trial(
         return run_multitask_trial(
             config, checkpoint_path=checkpoint_path, on_epoch=on_epoch, threads=threads
         )
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
-    seed_everything(init_seed(config))
+    start_trial(config, threads)
     task = build_task(config["task"]["name"], config["task"]["options"], classes=config.get("classes"))
     model = build_model(
         (config["backbone"]["name"], config["backbone"]["options"]),
@@ -107,9 +128,7 @@ def run_trial(
         "copied_tensors": len(copied),
         "num_stages": model.backbone.num_stages,
     }
-    # The training state beside the checkpoint lets a retried or resumed trial continue after its
-    # last finished epoch; it is removed once the final checkpoint exists.
-    resume_path = Path(checkpoint_path).with_name("resume.pt") if checkpoint_path is not None else None
+    resume_path = resume_path_for(checkpoint_path)
     result = fit(
         model,
         task,
@@ -120,9 +139,4 @@ def run_trial(
         resume_path=resume_path,
         augment=config.get("augment"),
     )
-    if resume_path is not None:
-        resume_path.unlink(missing_ok=True)
-    facts["resumed_from_epoch"] = result.resumed_from
-    facts["torch_threads"] = torch.get_num_threads()
-    facts.update(result.feature_cache)
-    return result, facts
+    return result, finish_facts(result, facts, resume_path)
