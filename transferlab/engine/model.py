@@ -108,14 +108,19 @@ class TransferModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return self.head(self.batch_features(batch), batch)
 
+    def head_modules(self) -> nn.Module:
+        """The module holding every head parameter (the one head here; subclasses may hold several)."""
+        return self.head
+
     def stage_parameter_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """Trainable parameters grouped as ("stage:<i>", params) per stage and ("head", params)."""
+        """Trainable parameters grouped as ("stage:<i>", params) per stage and ("head", params of
+        :meth:`head_modules`)."""
         groups = []
         for i, stage in enumerate(self.backbone.stages):
             params = [p for p in stage.parameters() if p.requires_grad]
             if params:
                 groups.append((f"stage:{i}", params))
-        head = [p for p in self.head.parameters() if p.requires_grad]
+        head = [p for p in self.head_modules().parameters() if p.requires_grad]
         if head:
             groups.append(("head", head))
         return groups

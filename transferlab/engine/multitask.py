@@ -118,17 +118,9 @@ class MultitaskModel(TransferModel):
             return {k: [p[i] for p in parts] for i, k in enumerate(inputs)}
         return {k: self.forward_features(t) for k, t in inputs.items()}
 
-    def stage_parameter_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """Trainable parameters as ("stage:<i>", params) per stage and ("head", every head's params)."""
-        groups = []
-        for i, stage in enumerate(self.backbone.stages):
-            params = [p for p in stage.parameters() if p.requires_grad]
-            if params:
-                groups.append((f"stage:{i}", params))
-        heads = [p for p in self.heads.parameters() if p.requires_grad]
-        if heads:
-            groups.append(("head", heads))
-        return groups
+    def head_modules(self) -> nn.Module:
+        """Every task's head, so the inherited ``stage_parameter_groups`` puts all of them in "head"."""
+        return self.heads
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trunk's trainable parameters, in stage order (what PCGrad and GradNorm act on)."""
