@@ -13,11 +13,14 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from transferlab.tasks.objectives import Objective
 
 SPLITS = ("train", "val", "test")
 
@@ -161,6 +164,41 @@ class ClassificationTask(Task):
         self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]
     ) -> None:
         metrics["accuracy"].update(outputs["logits"].detach().float(), batch["label"])
+
+
+class ObjectiveTask(Task):
+    """A task whose loss and metrics come from ``self.objective`` (see ``tasks.objectives``).
+
+    Listed before ``ClassificationTask`` among a subclass's bases, it forwards only while an
+    objective is set and leaves label targets to cross-entropy and accuracy.
+    """
+
+    objective: Objective | None = None
+
+    def set_objective(self, objective: Objective | None) -> None:
+        """Use ``objective`` (None: the next base's loss and metrics) and its primary metric."""
+        self.objective = objective
+        if objective is not None:
+            self.primary_metric = objective.primary_metric
+            self.higher_is_better = objective.higher_is_better
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
+        if self.objective is None:
+            return super().loss(outputs, batch)  # type: ignore[safe-super]
+        return self.objective.loss(outputs, batch)
+
+    def metrics(self) -> dict[str, Any]:
+        if self.objective is None:
+            return super().metrics()  # type: ignore[safe-super]
+        return self.objective.metrics()
+
+    def update_metrics(
+        self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]
+    ) -> None:
+        if self.objective is None:
+            super().update_metrics(metrics, outputs, batch)  # type: ignore[safe-super]
+        else:
+            self.objective.update_metrics(metrics, outputs, batch)
 
 
 def remap_classes(labels: Tensor, classes: Sequence[int] | None, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
-from transferlab.tasks.base import SPLITS, InMemoryDataset, TargetSpec, Task, stable_hash
+from transferlab.tasks.base import SPLITS, InMemoryDataset, ObjectiveTask, TargetSpec, stable_hash
 from transferlab.tasks.folders import _listed, decode_file
 from transferlab.tasks.localization import BoxObjective
 from transferlab.tasks.splits import (
@@ -317,7 +317,7 @@ def _split(labels: np.ndarray, names: tuple[str, ...], fractions: dict, seed: in
 
 
 # -- the task ---------------------------------------------------------------------------------------
-class ImageBoxesTask(Task):
+class ImageBoxesTask(ObjectiveTask):
     """Predict each image's box (and its class); see :func:`image_boxes` and the module docstring.
 
     Building the task reads the annotations and decodes every image, so a bad file fails here.
@@ -342,9 +342,7 @@ class ImageBoxesTask(Task):
         self.label_names = tuple(names)
         self.classes = check_classes(NAME, options["classes"], names)
         picked = self.classes if self.classes is not None else range(len(names))
-        self.objective = BoxObjective(num_classes=len(picked))
-        self.primary_metric = self.objective.primary_metric
-        self.higher_is_better = self.objective.higher_is_better
+        self.set_objective(BoxObjective(num_classes=len(picked)))
         size, channels = options["image_size"], options["channels"]
         self.target = TargetSpec(
             kind="box",
@@ -362,17 +360,6 @@ class ImageBoxesTask(Task):
         self.split_index = _split(self._labels, tuple(names), fractions, options["split_seed"], path)
         self._datasets: dict[str, InMemoryDataset] | None = None
         self._normalization: Normalization | None = None
-
-    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        return self.objective.loss(outputs, batch)
-
-    def metrics(self) -> dict[str, Any]:
-        return self.objective.metrics()
-
-    def update_metrics(
-        self, metrics: dict[str, Any], outputs: dict[str, torch.Tensor], batch: dict[str, Any]
-    ) -> None:
-        self.objective.update_metrics(metrics, outputs, batch)
 
     def options(self) -> dict[str, Any]:
         """The factory options this task was built with (paths absolute)."""

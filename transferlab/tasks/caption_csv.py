@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
-from transferlab.tasks.base import SPLITS, InMemoryDataset, TargetSpec, Task, stable_hash
+from transferlab.tasks.base import SPLITS, InMemoryDataset, ObjectiveTask, TargetSpec, stable_hash
 from transferlab.tasks.captioning import SPECIALS, CaptionObjective, tokenize
 from transferlab.tasks.folders import MAX_IMAGES, _listed, decode_file
 from transferlab.tasks.splits import (
@@ -174,7 +174,7 @@ def random_split(count: int, fractions: dict[str, float], seed: int, path: Path)
     return {split: np.sort(cuts[split]) for split in SPLITS}
 
 
-class CaptionCSVTask(Task):
+class CaptionCSVTask(ObjectiveTask):
     """Caption a user's images; see :func:`caption_csv` and the module docstring."""
 
     name = NAME
@@ -200,8 +200,7 @@ class CaptionCSVTask(Task):
             )
         if options["max_length"] is not None:
             objective = CaptionObjective(objective.vocabulary, options["max_length"])
-        self.objective = objective
-        self.primary_metric, self.higher_is_better = objective.primary_metric, objective.higher_is_better
+        self.set_objective(objective)
         self.target = TargetSpec(
             kind="caption",
             in_channels=channels,
@@ -231,17 +230,6 @@ class CaptionCSVTask(Task):
         extras ``caption`` (the first caption) and ``references`` (all of the image's captions)."""
         check_split(self.name, split)
         return self._datasets[split]
-
-    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
-        return self.objective.loss(outputs, batch)
-
-    def metrics(self) -> dict[str, Any]:
-        return self.objective.metrics()
-
-    def update_metrics(
-        self, metrics: dict[str, Any], outputs: dict[str, Tensor], batch: dict[str, Any]
-    ) -> None:
-        self.objective.update_metrics(metrics, outputs, batch)
 
     def describe(self) -> dict[str, Any]:
         options = {k: v for k, v in self._options.items() if k not in ("path", "root")}

@@ -22,8 +22,15 @@ import torch
 from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
-from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
-from transferlab.tasks.objectives import Objective, target_objective
+from transferlab.tasks.base import (
+    SPLITS,
+    ClassificationTask,
+    InMemoryDataset,
+    ObjectiveTask,
+    TargetSpec,
+    stable_hash,
+)
+from transferlab.tasks.objectives import target_objective
 from transferlab.tasks.splits import (
     check_choice,
     check_classes,
@@ -42,7 +49,7 @@ MAX_VALUE = 16.0  # load_digits pixels are integer counts 0..16
 TARGETS = ("label", "image")
 
 
-class DigitsTask(ClassificationTask):
+class DigitsTask(ObjectiveTask, ClassificationTask):
     """Digit classification (or reconstruction) on sklearn's digits; see :func:`digits` for the options.
 
     With ``target="label"`` this is a :class:`ClassificationTask`; ``target="image"`` forwards loss and
@@ -81,27 +88,8 @@ class DigitsTask(ClassificationTask):
         self._given_normalization = normalization
         self._normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self._raw_hash: str | None = None
-        self.objective: Objective | None = None
         if target != "label":  # the image objective un-normalises pixels: build the data to know how
-            self.objective = target_objective(target, len(picked), self.normalization)
-            self.primary_metric = self.objective.primary_metric
-            self.higher_is_better = self.objective.higher_is_better
-
-    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        if self.objective is None:
-            return super().loss(outputs, batch)
-        return self.objective.loss(outputs, batch)
-
-    def metrics(self) -> dict[str, Any]:
-        return super().metrics() if self.objective is None else self.objective.metrics()
-
-    def update_metrics(
-        self, metrics: dict[str, Any], outputs: dict[str, torch.Tensor], batch: dict[str, Any]
-    ) -> None:
-        if self.objective is None:
-            super().update_metrics(metrics, outputs, batch)
-        else:
-            self.objective.update_metrics(metrics, outputs, batch)
+            self.set_objective(target_objective(target, len(picked), self.normalization))
 
     def options(self) -> dict[str, Any]:
         """The factory options this task was built with (``classes`` as a list or None).

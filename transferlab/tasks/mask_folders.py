@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
-from transferlab.tasks.base import SPLITS, InMemoryDataset, TargetSpec, Task, stable_hash
+from transferlab.tasks.base import SPLITS, InMemoryDataset, ObjectiveTask, TargetSpec, stable_hash
 from transferlab.tasks.folders import (
     DEFAULT_FRACTIONS,
     IMAGE_EXTENSIONS,
@@ -285,7 +285,7 @@ def split_pairs(listing: PairListing, fractions: dict[str, float], seed: int) ->
         ) from None
 
 
-class MaskFolderTask(Task):
+class MaskFolderTask(ObjectiveTask):
     """Segment a user's images by their masks; see :func:`mask_folder` and the module docstring.
 
     Building the task lists, decodes and splits every pair, so a bad folder fails here.
@@ -320,8 +320,7 @@ class MaskFolderTask(Task):
         self._given_normalization, self._max_images = normalization, max_images
         picked = self.classes if self.classes is not None else range(len(self.all_class_names) - 1)
         names = (self.all_class_names[0], *(self.all_class_names[c + 1] for c in picked))
-        self.objective = SegmentationObjective(num_classes=len(names))
-        self.primary_metric, self.higher_is_better = self.objective.primary_metric, True
+        self.set_objective(SegmentationObjective(num_classes=len(names)))
         self.target = TargetSpec(
             kind="mask",
             num_classes=len(names),
@@ -342,17 +341,6 @@ class MaskFolderTask(Task):
     @property
     def num_selectable_classes(self) -> int:
         return len(self.all_class_names) - 1  # the background is not a class a subset picks
-
-    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        return self.objective.loss(outputs, batch)
-
-    def metrics(self) -> dict[str, Any]:
-        return self.objective.metrics()
-
-    def update_metrics(
-        self, metrics: dict[str, Any], outputs: dict[str, torch.Tensor], batch: dict[str, Any]
-    ) -> None:
-        self.objective.update_metrics(metrics, outputs, batch)
 
     @property
     def files(self) -> tuple[str, ...]:

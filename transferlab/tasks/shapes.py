@@ -58,8 +58,15 @@ from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
 from transferlab.tasks import splits
-from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
-from transferlab.tasks.objectives import Objective, target_objective
+from transferlab.tasks.base import (
+    SPLITS,
+    ClassificationTask,
+    InMemoryDataset,
+    ObjectiveTask,
+    TargetSpec,
+    stable_hash,
+)
+from transferlab.tasks.objectives import target_objective
 from transferlab.tasks.shapes_render import (
     COLOUR_NAMES,
     KINDS,
@@ -86,7 +93,7 @@ SIZE_WORDS = ((0.30, "large"), (0.18, "medium"), (0.0, "small"))
 TARGETS = ("label", "mask", "box", "caption", "image")
 
 
-class ShapesTask(ClassificationTask):
+class ShapesTask(ObjectiveTask, ClassificationTask):
     """Classify the largest shape or segment every shape; see :func:`shapes` and the module docstring.
 
     Class subsets pick shape kinds (0..5) whatever the target, so ``num_selectable_classes`` is 6
@@ -117,10 +124,7 @@ class ShapesTask(ClassificationTask):
         kind = options.get("target", "label")
         if kind == "mask":  # class 0 is the background, class i + 1 the kind classes[i]
             names = ("background", *names)
-        self.objective: Objective | None = target_objective(kind, len(names), self.normalization)
-        if self.objective is not None:
-            self.primary_metric = self.objective.primary_metric
-            self.higher_is_better = self.objective.higher_is_better
+        self.set_objective(target_objective(kind, len(names), self.normalization))
         self.target = TargetSpec(
             kind=kind,
             num_classes=len(names),
@@ -131,22 +135,6 @@ class ShapesTask(ClassificationTask):
             max_length=int(getattr(self.objective, "max_length", 0)),
         )
         self._datasets: dict[str, InMemoryDataset] | None = None
-
-    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        if self.objective is None:
-            return super().loss(outputs, batch)
-        return self.objective.loss(outputs, batch)
-
-    def metrics(self) -> dict[str, Any]:
-        return super().metrics() if self.objective is None else self.objective.metrics()
-
-    def update_metrics(
-        self, metrics: dict[str, Any], outputs: dict[str, torch.Tensor], batch: dict[str, Any]
-    ) -> None:
-        if self.objective is None:
-            super().update_metrics(metrics, outputs, batch)
-        else:
-            self.objective.update_metrics(metrics, outputs, batch)
 
     def options(self) -> dict[str, Any]:
         """The factory options this task was built with (``classes`` as a list or None)."""
