@@ -39,6 +39,7 @@ from transferlab.engine.fit import (
     load_training_state,
     resolve_device,
     save_training_state,
+    use_channels_last,
 )
 from transferlab.engine.model import TransferModel
 from transferlab.engine.multitask_batches import (
@@ -203,7 +204,7 @@ class MultitaskLoop:
         self.model, self.tasks, self.weighting, self.config = model, tasks, weighting, config
         self.device = resolve_device(config.device)
         model.to(self.device)
-        if config.channels_last:  # as fit does: 4-D weights in NHWC memory format
+        if use_channels_last(config, self.device):  # as fit does: 4-D weights in NHWC memory format
             model.to(memory_format=torch.channels_last)
         weighting.to(self.device)
         self.use_amp = config.amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()

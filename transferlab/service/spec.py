@@ -77,8 +77,8 @@ class TrainSpec(_Strict):
     feature_cache: bool = True
     feature_cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     feature_cache_max_mb: float = Field(2048.0, ge=0)
-    #: Keep convolution weights in channels-last (NHWC) memory format: faster on CPU and CUDA.
-    channels_last: bool = True
+    #: Convolution weights in channels-last (NHWC) memory format; null: on CUDA only.
+    channels_last: bool | None = None
 
 
 class Resources(_Strict):
