@@ -60,9 +60,10 @@ from transferlab.tasks.splits import (
     check_int,
     check_normalization,
     check_split,
-    normalized_images,
+    normalized_pixels,
     read_utf8_text,
     select_classes,
+    split_tensors,
     stratified_split,
 )
 
@@ -397,19 +398,19 @@ class ImageBoxesTask(ObjectiveTask):
         if self._datasets is not None:
             return self._datasets
         assert self._pixels is not None
-        images = torch.from_numpy(self._pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-        self._pixels = None  # the float copy replaces the decoded bytes
         mean, std = self._options["mean"], self._options["std"]
         given = (tuple(mean), tuple(std)) if mean is not None else None
-        images, self._normalization = normalized_images(images, self.split_index["train"], given)
-        boxes, labels = torch.from_numpy(self._boxes), torch.from_numpy(self._labels)
-        datasets = {}
-        for split in SPLITS:
-            rows = torch.from_numpy(self.split_index[split])
-            tensors = {"image": images[rows], "box": boxes[rows], "label": labels[rows], "index": rows}
-            datasets[split] = select_classes(tensors, None, self.classes, len(self.label_names))
-        self._datasets = datasets
-        return datasets
+        images, self._normalization = normalized_pixels(self._pixels, self.split_index["train"], given)
+        self._pixels = None  # the float copy replaces the decoded bytes
+        tensors = {
+            "image": images,
+            "box": torch.from_numpy(self._boxes),
+            "label": torch.from_numpy(self._labels),
+        }
+        parts = split_tensors(self.split_index, tensors)
+        num_classes = len(self.label_names)
+        self._datasets = {s: select_classes(t, None, self.classes, num_classes) for s, t in parts.items()}
+        return self._datasets
 
 
 def _read_annotations(path: Path) -> tuple[list[Annotation], dict[str, tuple[int, int]], list[str]]:

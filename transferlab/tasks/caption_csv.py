@@ -41,7 +41,7 @@ from transferlab.tasks.splits import (
     check_int,
     check_normalization,
     check_split,
-    normalized_images,
+    normalized_pixels,
     read_utf8_text,
 )
 
@@ -209,9 +209,7 @@ class CaptionCSVTask(ObjectiveTask):
             max_length=objective.max_length,
         )
         pixels, self._digests = decode_listed_images(path, root, rows, size, channels)
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-        train = torch.from_numpy(self.split_index["train"])
-        images, self.normalization = normalized_images(images, train, normalization)
+        images, self.normalization = normalized_pixels(pixels, self.split_index["train"], normalization)
         self._datasets = {split: self._split(images, split) for split in SPLITS}
 
     def _split(self, images: Tensor, split: str) -> InMemoryDataset:

@@ -45,8 +45,9 @@ from transferlab.tasks.splits import (
     check_int,
     check_normalization,
     check_split,
-    normalized_images,
+    normalized_pixels,
     select_classes,
+    split_tensors,
     stratified_split,
 )
 
@@ -471,19 +472,16 @@ class ImageFolderTask(ClassificationTask):
         if self._datasets is not None:
             return self._datasets
         assert self._pixels is not None
-        images = torch.from_numpy(self._pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-        self._pixels = None  # the float copy replaces the decoded bytes
-        images, self._normalization = normalized_images(
-            images, self.split_index["train"], self._given_normalization
+        images, self._normalization = normalized_pixels(
+            self._pixels, self.split_index["train"], self._given_normalization
         )
-        labels = torch.from_numpy(self.listing.labels)
-        datasets = {}
-        for split in SPLITS:
-            rows = torch.from_numpy(self.split_index[split])
-            tensors = {"image": images[rows], "label": labels[rows], "index": rows}
-            datasets[split] = select_classes(tensors, None, self.classes, len(self.listing.class_names))
-        self._datasets = datasets
-        return datasets
+        self._pixels = None  # the float copy replaces the decoded bytes
+        parts = split_tensors(
+            self.split_index, {"image": images, "label": torch.from_numpy(self.listing.labels)}
+        )
+        num_classes = len(self.listing.class_names)
+        self._datasets = {s: select_classes(t, None, self.classes, num_classes) for s, t in parts.items()}
+        return self._datasets
 
 
 @TASKS.register(NAME)

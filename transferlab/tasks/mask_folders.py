@@ -57,7 +57,8 @@ from transferlab.tasks.splits import (
     check_int,
     check_normalization,
     check_split,
-    normalized_images,
+    normalized_pixels,
+    split_tensors,
     stratified_split,
     subset_mask,
 )
@@ -402,19 +403,15 @@ class MaskFolderTask(ObjectiveTask):
             return self._datasets
         assert self._pixels is not None
         pixels, masks = self._pixels
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-        self._pixels = None  # the tensors replace the decoded arrays
-        images, self._normalization = normalized_images(
-            images, self.split_index["train"], self._given_normalization
+        images, self._normalization = normalized_pixels(
+            pixels, self.split_index["train"], self._given_normalization
         )
+        self._pixels = None  # the tensors replace the decoded arrays
         mask = torch.from_numpy(masks)
         if self.classes is not None:  # classes[i] -> i + 1, every other class -> background
             mask = subset_mask(mask, self.classes, len(self.all_class_names))
-        self._datasets = {}
-        for split in SPLITS:
-            rows = torch.from_numpy(self.split_index[split])
-            tensors = {"image": images[rows], "mask": mask[rows], "index": rows}
-            self._datasets[split] = InMemoryDataset(tensors)
+        parts = split_tensors(self.split_index, {"image": images, "mask": mask})
+        self._datasets = {s: InMemoryDataset(t) for s, t in parts.items()}
         return self._datasets
 
 

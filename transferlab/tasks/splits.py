@@ -10,7 +10,7 @@ so a spec error names the task (or head), the option, what is allowed and what w
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,26 @@ def normalized_images(
     shape = (1, images.shape[1], 1, 1)
     mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(shape) for v in given)
     return images.sub_(mean_t).div_(std_t), given
+
+
+def normalized_pixels(
+    pixels: np.ndarray, train: Tensor | np.ndarray, given: Normalization | None
+) -> tuple[Tensor, Normalization]:
+    """Decoded 8-bit images (N x H x W x C) as float N x C x H x W in [0, 1], normalised by
+    :func:`normalized_images`, and the (mean, std) used."""
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    return normalized_images(images, train, given)
+
+
+def split_tensors(
+    split_index: Mapping[str, np.ndarray], tensors: Mapping[str, Tensor]
+) -> dict[str, dict[str, Tensor]]:
+    """Per split, that split's rows of every tensor and ``index`` (the rows themselves, int64)."""
+    out = {}
+    for split in SPLITS:
+        rows = torch.from_numpy(split_index[split])
+        out[split] = {**{name: t[rows] for name, t in tensors.items()}, "index": rows}
+    return out
 
 
 def to_unit_pixels(images: Tensor, mean: Any, std: Any) -> Tensor:
