@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,21 @@ TINY_TRANSFER = textwrap.dedent(
     resources: {cpu: 1}
     """
 )
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny convolutions and models gain nothing from more, and on a busy 2-core runner OpenMP's
+    spinning threads make such tests many times slower.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

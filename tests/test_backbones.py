@@ -9,7 +9,6 @@ proves the freezing contract; ``bn: train`` runs on a subset, being the same cod
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +44,7 @@ MIN_SIDE = {"alexnet": 63, "inception_v3": 75, "googlenet": 15}
 DOCS = Path(__file__).parents[1] / "docs" / "backbones.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny inputs gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's spinning
-    # threads make these tests ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reads_images(name: str) -> bool:

@@ -7,7 +7,6 @@ decoder; a short training run must beat fixed captions made of the most frequent
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +42,7 @@ BACKBONES = ["convnet", "lenet5", "resnet18", "resnet20", "vgg11"]
 SMALL = {"target": "caption", "train_size": 48, "val_size": 16, "test_size": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()  # small recurrent steps: OpenMP threads only contend on 2 cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ image is an error naming its file.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,7 @@ BACKBONES = ["convnet", "lenet5", "resnet18", "resnet20", "vgg11"]
 SMALL = {"train_size": 48, "val_size": 16, "test_size": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()  # tiny convolutions: OpenMP threads only contend on 2 cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shapes(classes: list[int] | None = None, **options: object) -> Task:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,7 @@ COLOURS = np.array([[40, 40, 40], [230, 30, 30], [30, 30, 230], [30, 220, 30]], 
 PAIRS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scene(i: int, size: tuple[int, int] = (16, 16)) -> tuple[np.ndarray, np.ndarray]:

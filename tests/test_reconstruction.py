@@ -10,7 +10,6 @@ once per module. Short training runs must beat the mean-image PSNR (autoencoder)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,12 +41,7 @@ SMALL = {"train_size": 48, "val_size": 16, "test_size": 16}
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()  # tiny convolutions: OpenMP threads only contend on 2 cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

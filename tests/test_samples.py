@@ -7,11 +7,9 @@ Trials are recorded with the driver's own ``record_study`` and trained in-proces
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -49,12 +47,7 @@ train: {epochs: 1, batch_size: 64}
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(db: str, runs: Path, text: str) -> int:

@@ -8,8 +8,6 @@ trivial all-background prediction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -32,12 +30,7 @@ HEADS_UNDER_TEST = [("fcn", {"variant": "8s"}), ("fcn", {"variant": "32s"}), ("u
 SMALL = {"train_size": 48, "val_size": 16, "test_size": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()  # tiny convolutions: OpenMP threads only contend on 2 cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shapes(classes: list[int] | None = None, **options: object) -> Task:

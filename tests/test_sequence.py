@@ -8,7 +8,6 @@ optimiser step per freeze depth proving that frozen parameters and buffers stay 
 from __future__ import annotations
 
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +35,7 @@ SMALL = {
 SMALL["tdnn"].update(kernel_sizes=[5, 3, 3, 1], dilations=[1, 2, 3, 1])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()  # tiny models: threads only contend on a busy 2-core runner
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str) -> SequenceBackbone:

@@ -39,12 +39,7 @@ from transferlab.registry import REGISTRIES, WEIGHTINGS, Registry, UnknownPlugin
 BUILTINS = {"equal", "fixed", "uncertainty", "dwa", "gradnorm", "pcgrad"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scalar_losses(**values: float) -> dict[str, torch.Tensor]:
