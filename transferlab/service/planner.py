@@ -254,47 +254,22 @@ def _plan_multitask(vspec: ValidatedSpec) -> list[PlannedTrial]:
     """Per seed and freeze depth: one trial per weighting, then one single-task baseline per task."""
     mt = vspec.spec.multitask
     assert mt is not None
+
+    def planned(role: str, condition: str, seed: int, depth: int, **which: Any) -> PlannedTrial:
+        """A trial on every task's data ("all"), its trunk frozen up to ``depth``, nothing copied."""
+        key = _key("all", seed, condition, depth)
+        return PlannedTrial(key, role, condition, depth, seed, "all", None, depth, 0, None, mt.bn, **which)
+
     trials = []
     for seed in vspec.spec.seeds:
         for depth in vspec.depths:
             for index, condition in enumerate(mt.weighting_conditions()):
-                key = _key("all", seed, condition, depth)
-                trials.append(
-                    PlannedTrial(
-                        key,
-                        "multitask",
-                        condition,
-                        depth,
-                        seed,
-                        "all",
-                        None,
-                        depth,
-                        0,
-                        None,
-                        mt.bn,
-                        weighting_index=index,
-                    )
-                )
+                trials.append(planned("multitask", condition, seed, depth, weighting_index=index))
             if not mt.single_task_baselines:
                 continue
             for task_key in mt.tasks:
                 condition = f"{SINGLE_PREFIX}{task_key}"
-                trials.append(
-                    PlannedTrial(
-                        _key("all", seed, condition, depth),
-                        "single",
-                        condition,
-                        depth,
-                        seed,
-                        "all",
-                        None,
-                        depth,
-                        0,
-                        None,
-                        mt.bn,
-                        task_key=task_key,
-                    )
-                )
+                trials.append(planned("single", condition, seed, depth, task_key=task_key))
     return trials
 
 
