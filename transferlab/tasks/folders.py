@@ -41,10 +41,10 @@ from transferlab.tasks.splits import (
     Normalization,
     check_choice,
     check_classes,
-    check_fraction,
     check_int,
     check_normalization,
     check_split,
+    check_split_options,
     normalized_pixels,
     select_classes,
     split_tensors,
@@ -524,16 +524,13 @@ def image_folder(
     if not isinstance(root, (str, os.PathLike)) or not str(root).strip():
         raise ImageFolderError(f"root must be a folder path, got {root!r}")
     channels = check_choice(NAME, "channels", channels, (1, 3))
-    given = {"val_fraction": val_fraction, "test_fraction": test_fraction}
-    fractions = {k: check_fraction(NAME, k, v) for k, v in given.items() if v is not None}
-    if split_seed is not None:
-        split_seed = check_int(NAME, "split_seed", split_seed, minimum=0, maximum=2**32 - 1)
+    fractions, split_seed = check_split_options(NAME, val_fraction, test_fraction, split_seed)
     return ImageFolderTask(
         root=Path(root).expanduser(),
         classes=classes,
         image_size=check_int(NAME, "image_size", image_size, minimum=8, maximum=1024),
         channels=channels,
-        fractions=fractions or None,
+        fractions=fractions,
         split_seed=split_seed,
         normalization=check_normalization(NAME, mean, std, channels),
         max_images=check_int(NAME, "max_images", max_images, minimum=1),

@@ -64,6 +64,18 @@ def check_fraction(task: str, option: str, value: Any, *, low: float = 0.0, high
     return float(value)
 
 
+def check_split_options(
+    task: str, val_fraction: float | None, test_fraction: float | None, split_seed: int | None
+) -> tuple[dict[str, float] | None, int | None]:
+    """The given split fractions (``None`` when neither is given) and split seed, checked; a task
+    with pre-made splits refuses them, one without fills in its defaults."""
+    given = {"val_fraction": val_fraction, "test_fraction": test_fraction}
+    fractions = {k: check_fraction(task, k, v) for k, v in given.items() if v is not None}
+    if split_seed is not None:
+        split_seed = check_int(task, "split_seed", split_seed, minimum=0, maximum=2**32 - 1)
+    return fractions or None, split_seed
+
+
 def check_choice(task: str, option: str, value: Any, allowed: Sequence[Any]) -> Any:
     """``value`` if it is one of ``allowed``, else a ValueError naming the option and the choices."""
     if isinstance(value, bool) or value not in allowed:
