@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from transferlab.backbones.base import Backbone
+from tests.test_segmentation import Built  # a backbone built once per name, reset by fresh()
 from transferlab.engine.assembly import build_backbone, build_head, build_model, build_task
 from transferlab.engine.fit import FitConfig, fit
 from transferlab.engine.image_samples import CELL_INCHES, DPI, write_image_samples
@@ -122,17 +122,6 @@ def test_objective_rejects_a_reconstruction_of_the_wrong_size_or_none() -> None:
 
 
 # -- heads over backbones ---------------------------------------------------------------------------
-
-
-class Built:
-    def __init__(self, name: str, task: Task) -> None:
-        torch.manual_seed(0)
-        self.backbone = build_backbone(name, {}, task.target)
-        self.initial = {k: v.clone() for k, v in self.backbone.state_dict().items()}
-
-    def fresh(self) -> Backbone:
-        self.backbone.load_state_dict(self.initial)
-        return self.backbone
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
