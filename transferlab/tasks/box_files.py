@@ -46,11 +46,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, InMemoryDataset, ObjectiveTask, TargetSpec, stable_hash
-from transferlab.tasks.folders import _listed, decode_file
+from transferlab.tasks.folders import DecodedImagesTask, _listed, decode_file
 from transferlab.tasks.localization import BoxObjective
 from transferlab.tasks.splits import (
     Normalization,
@@ -59,7 +58,6 @@ from transferlab.tasks.splits import (
     check_fraction,
     check_int,
     check_normalization,
-    check_split,
     normalized_pixels,
     read_utf8_text,
     select_classes,
@@ -318,11 +316,12 @@ def _split(labels: np.ndarray, names: tuple[str, ...], fractions: dict, seed: in
 
 
 # -- the task ---------------------------------------------------------------------------------------
-class ImageBoxesTask(ObjectiveTask):
+class ImageBoxesTask(DecodedImagesTask, ObjectiveTask):
     """Predict each image's box (and its class); see :func:`image_boxes` and the module docstring.
 
     Building the task reads the annotations and decodes every image, so a bad file fails here.
     Loss and metrics are :class:`~transferlab.tasks.localization.BoxObjective`'s (primary ``iou``).
+    Its data sets hold ``image``, ``box``, ``label`` and ``index`` (see the module docstring).
     """
 
     name = NAME
@@ -373,30 +372,15 @@ class ImageBoxesTask(ObjectiveTask):
         """Hash of the options (paths left out), every image's path and content, boxes, labels, splits."""
         described = self.describe()
         described["options"] = {k: v for k, v in self._options.items() if k not in ("path", "root")}
-        datasets = self._build()
         content = {
             "files": stable_hash([[f, d] for f, d in zip(self.files, self._digests, strict=True)]),
             "boxes": stable_hash(self._boxes.tobytes()),
             "labels": stable_hash(self._labels.tobytes()),
-            "indices": {split: stable_hash(datasets[split].tensors["index"]) for split in SPLITS},
+            "indices": self.split_hashes(),
         }
         return stable_hash({"describe": described, "content": content})
 
-    @property
-    def normalization(self) -> Normalization:
-        """Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels."""
-        self._build()
-        assert self._normalization is not None
-        return self._normalization
-
-    def dataset(self, split: str) -> Dataset:
-        """``InMemoryDataset`` with ``image``, ``box``, ``label`` and ``index`` (see the module docstring)."""
-        check_split(self.name, split)
-        return self._build()[split]
-
-    def _build(self) -> dict[str, InMemoryDataset]:
-        if self._datasets is not None:
-            return self._datasets
+    def _make_datasets(self) -> dict[str, InMemoryDataset]:
         assert self._pixels is not None
         mean, std = self._options["mean"], self._options["std"]
         given = (tuple(mean), tuple(std)) if mean is not None else None
@@ -409,8 +393,7 @@ class ImageBoxesTask(ObjectiveTask):
         }
         parts = split_tensors(self.split_index, tensors)
         num_classes = len(self.label_names)
-        self._datasets = {s: select_classes(t, None, self.classes, num_classes) for s, t in parts.items()}
-        return self._datasets
+        return {s: select_classes(t, None, self.classes, num_classes) for s, t in parts.items()}
 
 
 def _read_annotations(path: Path) -> tuple[list[Annotation], dict[str, tuple[int, int]], list[str]]:

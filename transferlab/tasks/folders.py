@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
-from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, stable_hash
+from transferlab.tasks.base import SPLITS, ClassificationTask, InMemoryDataset, TargetSpec, Task, stable_hash
 from transferlab.tasks.splits import (
     Normalization,
     check_choice,
@@ -357,10 +358,45 @@ def split_indices(listing: FolderListing, fractions: dict[str, float], seed: int
 # -- the task ---------------------------------------------------------------------------------------
 
 
-class ImageFolderTask(ClassificationTask):
+class DecodedImagesTask(Task):
+    """A task over images decoded into memory when it is built; the float images, normalised with
+    the training split's statistics, and every split's data set are made on first use."""
+
+    _datasets: dict[str, InMemoryDataset] | None = None
+    _normalization: Normalization | None = None
+
+    @abstractmethod
+    def _make_datasets(self) -> dict[str, InMemoryDataset]:
+        """Every split's data set from the decoded images; sets ``_normalization``."""
+
+    def _build(self) -> dict[str, InMemoryDataset]:
+        if self._datasets is None:
+            self._datasets = self._make_datasets()
+        return self._datasets
+
+    @property
+    def normalization(self) -> Normalization:
+        """Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels."""
+        self._build()
+        assert self._normalization is not None
+        return self._normalization
+
+    def dataset(self, split: str) -> Dataset:
+        """The ``InMemoryDataset`` of ``split`` (its fields in the class docstring)."""
+        check_split(self.name, split)
+        return self._build()[split]
+
+    def split_hashes(self) -> dict[str, str]:
+        """Per split, the hash of its ``index`` tensor (which images it holds), for fingerprints."""
+        return {split: stable_hash(self._build()[split].tensors["index"]) for split in SPLITS}
+
+
+class ImageFolderTask(DecodedImagesTask, ClassificationTask):
     """Classify a user's class-per-folder images; see :func:`image_folder` and the module docstring.
 
-    Building the task lists, decodes and splits every image, so a bad folder fails here.
+    Building the task lists, decodes and splits every image, so a bad folder fails here. Its data
+    sets hold ``image`` (float32 N x C x H x W), ``label`` and ``index`` (int64 N, each sample's
+    position in :attr:`files`).
     """
 
     name = NAME
@@ -445,32 +481,14 @@ class ImageFolderTask(ClassificationTask):
         """
         described = self.describe()
         described["options"] = {k: v for k, v in described["options"].items() if k != "root"}
-        datasets = self._build()
         content = {
             "files": stable_hash([[f, d] for f, d in zip(self.files, self._digests, strict=True)]),
             "labels": stable_hash(self.listing.labels.tobytes()),
-            "indices": {split: stable_hash(datasets[split].tensors["index"]) for split in SPLITS},
+            "indices": self.split_hashes(),
         }
         return stable_hash({"describe": described, "content": content})
 
-    @property
-    def normalization(self) -> Normalization:
-        """Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels."""
-        self._build()
-        assert self._normalization is not None
-        return self._normalization
-
-    def dataset(self, split: str) -> Dataset:
-        """``InMemoryDataset`` with ``image`` (float32 N x C x H x W), ``label`` and ``index`` (int64 N).
-
-        ``index`` is each sample's position in :attr:`files`.
-        """
-        check_split(self.name, split)
-        return self._build()[split]
-
-    def _build(self) -> dict[str, InMemoryDataset]:
-        if self._datasets is not None:
-            return self._datasets
+    def _make_datasets(self) -> dict[str, InMemoryDataset]:
         assert self._pixels is not None
         images, self._normalization = normalized_pixels(
             self._pixels, self.split_index["train"], self._given_normalization
@@ -480,8 +498,7 @@ class ImageFolderTask(ClassificationTask):
             self.split_index, {"image": images, "label": torch.from_numpy(self.listing.labels)}
         )
         num_classes = len(self.listing.class_names)
-        self._datasets = {s: select_classes(t, None, self.classes, num_classes) for s, t in parts.items()}
-        return self._datasets
+        return {s: select_classes(t, None, self.classes, num_classes) for s, t in parts.items()}
 
 
 @TASKS.register(NAME)

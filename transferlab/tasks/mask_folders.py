@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, InMemoryDataset, ObjectiveTask, TargetSpec, stable_hash
@@ -42,6 +41,7 @@ from transferlab.tasks.folders import (
     DEFAULT_FRACTIONS,
     IMAGE_EXTENSIONS,
     MAX_IMAGES,
+    DecodedImagesTask,
     ImageFolderError,
     _decode_problem,
     _listed,
@@ -55,7 +55,6 @@ from transferlab.tasks.splits import (
     check_classes,
     check_int,
     check_normalization,
-    check_split,
     check_split_options,
     normalized_pixels,
     split_tensors,
@@ -286,10 +285,12 @@ def split_pairs(listing: PairListing, fractions: dict[str, float], seed: int) ->
         ) from None
 
 
-class MaskFolderTask(ObjectiveTask):
+class MaskFolderTask(DecodedImagesTask, ObjectiveTask):
     """Segment a user's images by their masks; see :func:`mask_folder` and the module docstring.
 
-    Building the task lists, decodes and splits every pair, so a bad folder fails here.
+    Building the task lists, decodes and splits every pair, so a bad folder fails here. Its data
+    sets hold ``image`` (float32 N x C x H x W), ``mask`` (int64 N x H x W) and ``index`` (int64 N,
+    each sample's position in :attr:`files`).
     """
 
     name = NAME
@@ -381,26 +382,11 @@ class MaskFolderTask(ObjectiveTask):
         content = {
             "class_names": list(self.all_class_names),
             "files": stable_hash([list(p) for p in pairs]),
-            "indices": {s: stable_hash(self._build()[s].tensors["index"]) for s in SPLITS},
+            "indices": self.split_hashes(),
         }
         return stable_hash({"describe": described, "content": content})
 
-    @property
-    def normalization(self) -> Normalization:
-        """Per-channel (mean, std) subtracted from and divided into the [0, 1] pixels."""
-        self._build()
-        assert self._normalization is not None
-        return self._normalization
-
-    def dataset(self, split: str) -> Dataset:
-        """``InMemoryDataset`` with ``image`` (float32 N x C x H x W), ``mask`` (int64 N x H x W) and
-        ``index`` (int64 N, each sample's position in :attr:`files`)."""
-        check_split(self.name, split)
-        return self._build()[split]
-
-    def _build(self) -> dict[str, InMemoryDataset]:
-        if self._datasets is not None:
-            return self._datasets
+    def _make_datasets(self) -> dict[str, InMemoryDataset]:
         assert self._pixels is not None
         pixels, masks = self._pixels
         images, self._normalization = normalized_pixels(
@@ -411,8 +397,7 @@ class MaskFolderTask(ObjectiveTask):
         if self.classes is not None:  # classes[i] -> i + 1, every other class -> background
             mask = subset_mask(mask, self.classes, len(self.all_class_names))
         parts = split_tensors(self.split_index, {"image": images, "mask": mask})
-        self._datasets = {s: InMemoryDataset(t) for s, t in parts.items()}
-        return self._datasets
+        return {s: InMemoryDataset(t) for s, t in parts.items()}
 
 
 @TASKS.register(NAME)
