@@ -162,14 +162,17 @@ def run_study(vspec: Any, folder: Path) -> tuple[float, list[dict[str, Any]], di
 
     db = f"sqlite:///{folder / 'study.db'}"
     done = {"n": 0}
+    events: list[tuple[float, str, str]] = []  # (seconds since submit, kind, trial key)
+    started = time.perf_counter()
 
     def on_event(kind: str, trial: Any, info: dict[str, Any]) -> None:
+        if kind != "epoch":
+            events.append((round(time.perf_counter() - started, 2), kind, trial.key))
         if kind in ("completed", "failed", "skipped"):
             done["n"] += 1
             if kind != "completed" or done["n"] % 10 == 0:
                 print(f"  study: {done['n']} trials finished ({kind}: {trial.key})", flush=True)
 
-    started = time.perf_counter()
     exp_id = transferlab.submit(vspec, db=db, runs_dir=folder / "runs", on_event=on_event)
     seconds = time.perf_counter() - started
     store = transferlab.open_store(db, create=False)
@@ -183,7 +186,12 @@ def run_study(vspec: Any, folder: Path) -> tuple[float, list[dict[str, Any]], di
     return (
         seconds,
         rows,
-        {"status": info.status, "trial_counts": dict(info.trial_counts), "trials": provenance},
+        {
+            "status": info.status,
+            "trial_counts": dict(info.trial_counts),
+            "trials": provenance,
+            "events": events,
+        },
     )
 
 
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  study: {len(study_rows)} trials in {record['study_seconds']:.1f} s ({facts['trial_counts']})")
     record.update(study_status=facts["status"], trial_counts=facts["trial_counts"])
     record["trial_facts"] = trial_facts(facts["trials"])
+    record["study_events"] = facts["events"]
     record["study_trials"], record["naive_trials"] = study_rows, naive_rows
     if naive_rows:
         table = compare(study_rows, naive_rows, one_test_sample(vspec))
