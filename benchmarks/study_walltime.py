@@ -3,10 +3,13 @@
 The naive script is what a researcher writes without transferlab: for every seed, train base nets A
 and B, then for every depth and condition build the net, copy the base net's first n stages (frozen
 or not), train it with a plain PyTorch loop, and test it; one trial after another, no Ray, no
-feature cache, torch's default thread count. It trains the same nets with the same settings
-(epochs, batch size, optimiser, learning rate and schedule, weight decay off for biases and norms,
-BatchNorm of frozen stages in eval mode). It only trains and tests; the study also validates every
-epoch and records every metric, trial and checkpoint in its store.
+feature cache, torch's default thread count (``--naive-threads`` sets another). It trains the same
+nets with the same settings (epochs, batch size, optimiser, learning rate and schedule, weight decay
+off for biases and norms, BatchNorm of frozen stages in eval mode). It only trains and tests; the
+study also validates every epoch and records every metric, trial and checkpoint in its store.
+By default each naive net starts from the weights its study trial starts from and shuffles its data
+with the same seed, so both train the very same nets and their accuracies should agree to the last
+digit; ``--independent-seeds`` draws other initial weights (the means then differ by seed noise).
 
 The study runs through Ray on this machine (local Ray, SQLite store in a temporary folder); its wall
 time includes starting Ray. Both report the test accuracy of every (condition, depth) as mean ± std
@@ -105,14 +108,24 @@ def test_accuracy(model: Any, data: Any) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
 
+def naive_init_seed(split: str, condition: str, depth: int, seed: int, same_seeds: bool) -> int:
+    """The study's initialisation seed of this trial (``same_seeds``), or one of the naive run's own."""
+    if same_seeds:
+        from transferlab.engine.trial import init_seed
+
+        return init_seed({"seed": seed, "split": split, "condition": condition, "depth": depth})
+    return int(stable_hash(["naive", split, seed, condition, depth]), 16) % 2**31
+
+
 def naive_trial(
-    vspec: Any, classes: Any, condition: str, depth: int, seed: int, base: Any
+    vspec: Any, classes: Any, condition: str, depth: int, seed: int, base: Any, init: int
 ) -> tuple[Any, float]:
-    """Build, copy ``depth`` stages from ``base`` (frozen unless the condition ends in +), train, test."""
+    """Build (weights drawn after ``torch.manual_seed(init)``), copy ``depth`` stages from ``base``
+    (frozen unless the condition ends in +), train, test."""
     from transferlab.engine.assembly import build_model, build_task
 
     spec = vspec.spec
-    torch.manual_seed(int(stable_hash(["naive", seed, condition, depth]), 16) % 2**31)
+    torch.manual_seed(init)
     task = build_task(spec.task.name, vspec.task_options, classes=classes)
     model = build_model(
         (spec.backbone.name, vspec.backbone_options), (spec.head.name, spec.head.options), task
@@ -127,8 +140,12 @@ def naive_trial(
     return model, test_accuracy(model, task.dataset("test"))
 
 
-def run_naive(vspec: Any) -> tuple[float, list[dict[str, Any]]]:
-    """Every trial of the study one after another; returns the wall time and per-trial accuracies."""
+def run_naive(vspec: Any, same_seeds: bool) -> tuple[float, list[dict[str, Any]]]:
+    """Every trial of the study one after another; returns the wall time and per-trial accuracies.
+
+    With ``same_seeds`` each net starts from the weights its study trial starts from (and every
+    net shuffles its data by the spec's seed, as in the study), so the two runs train the same nets.
+    """
     spec = vspec.spec
     if spec.transfer is None or spec.transfer.fine_tune_lr_mult != 1.0:
         raise ValueError("study_walltime: the naive script handles transfer studies with fine_tune_lr_mult 1")
@@ -138,12 +155,14 @@ def run_naive(vspec: Any) -> tuple[float, list[dict[str, Any]]]:
         for seed in spec.seeds:
             bases = {}
             for name, classes in (("baseA", split.a), ("baseB", split.b)):
-                bases[name], acc = naive_trial(vspec, classes, name, 0, seed, None)
+                init = naive_init_seed(split.id, name, 0, seed, same_seeds)
+                bases[name], acc = naive_trial(vspec, classes, name, 0, seed, None, init)
                 rows.append({"condition": name, "depth": 0, "seed": seed, "value": acc})
             for depth in vspec.depths:
                 for condition in spec.transfer.conditions:
                     base = bases.get(COPY_FROM.get(condition, ""))
-                    _, acc = naive_trial(vspec, split.b, condition, depth, seed, base)
+                    init = naive_init_seed(split.id, condition, depth, seed, same_seeds)
+                    _, acc = naive_trial(vspec, split.b, condition, depth, seed, base, init)
                     rows.append({"condition": condition, "depth": depth, "seed": seed, "value": acc})
             print(
                 f"  naive: seed {seed} done ({len(rows)} trials, {time.perf_counter() - started:.0f} s)",
@@ -290,6 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 seeds, depths 1 3 5, 3 epochs")
     parser.add_argument("--skip-naive", action="store_true", help="run the study only (no ratio)")
     parser.add_argument(
+        "--independent-seeds",
+        action="store_true",
+        help="the naive run draws its own initial weights instead of the study's (accuracies then "
+        "differ by seed noise)",
+    )
+    parser.add_argument(
+        "--naive-threads",
+        type=int,
+        default=None,
+        help="torch threads of the naive script (default: torch's own, all cores); 1 is immune to other "
+        "processes' load, which stalls multi-threaded torch on a busy machine",
+    )
+    parser.add_argument(
         "--train",
         action="append",
         default=[],
@@ -313,10 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     naive_rows: list[dict[str, Any]] = []
     if not args.skip_naive:
+        default_threads = torch.get_num_threads()
+        if args.naive_threads:
+            torch.set_num_threads(args.naive_threads)
+        record["naive_threads"] = torch.get_num_threads()
         load_before = os.getloadavg()
-        record["naive_seconds"], naive_rows = run_naive(vspec)
+        record["naive_seconds"], naive_rows = run_naive(vspec, not args.independent_seeds)
+        record["naive_seeds"] = "independent" if args.independent_seeds else "the study's"
         record["naive_load"] = [load_before, os.getloadavg()]
         print(f"  naive: {len(naive_rows)} trials in {record['naive_seconds']:.1f} s", flush=True)
+        torch.set_num_threads(default_threads)
     with tempfile.TemporaryDirectory(prefix="tl-bench-study-") as folder:
         load_before = os.getloadavg()
         try:
