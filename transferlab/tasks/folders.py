@@ -358,6 +358,26 @@ def split_indices(listing: FolderListing, fractions: dict[str, float], seed: int
 # -- the task ---------------------------------------------------------------------------------------
 
 
+def folder_options(task: Any) -> dict[str, Any]:
+    """The options every folder task (``image_folder``, ``mask_folder``) was built with.
+
+    ``None`` means the default was used; the task supplies ``listing``, ``classes``, ``image_size``,
+    ``channels`` and the private split, normalisation and size settings it was given.
+    """
+    given = task._given_normalization
+    return {
+        "root": str(task.listing.root),
+        "classes": list(task.classes) if task.classes is not None else None,
+        "image_size": task.image_size,
+        "channels": task.channels,
+        **{k: (task._fractions or {}).get(k) for k in DEFAULT_FRACTIONS},
+        "split_seed": task._split_seed,
+        "mean": list(given[0]) if given else None,
+        "std": list(given[1]) if given else None,
+        "max_images": task._max_images,
+    }
+
+
 class DecodedImagesTask(Task):
     """A task over images decoded into memory when it is built; the float images, normalised with
     the training split's statistics, and every split's data set are made on first use."""
@@ -450,18 +470,7 @@ class ImageFolderTask(DecodedImagesTask, ClassificationTask):
 
     def options(self) -> dict[str, Any]:
         """The factory options this task was built with (``None``: the default was used)."""
-        given = self._given_normalization
-        return {
-            "root": str(self.listing.root),
-            "classes": list(self.classes) if self.classes is not None else None,
-            "image_size": self.image_size,
-            "channels": self.channels,
-            **{k: (self._fractions or {}).get(k) for k in DEFAULT_FRACTIONS},
-            "split_seed": self._split_seed,
-            "mean": list(given[0]) if given else None,
-            "std": list(given[1]) if given else None,
-            "max_images": self._max_images,
-        }
+        return folder_options(self)
 
     def describe(self) -> dict[str, Any]:
         split = "pre-made" if self.listing.premade is not None else "stratified"

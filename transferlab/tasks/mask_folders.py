@@ -47,6 +47,7 @@ from transferlab.tasks.folders import (
     _listed,
     _subfolders,
     decode_images,
+    folder_options,
 )
 from transferlab.tasks.objectives import SegmentationObjective
 from transferlab.tasks.splits import (
@@ -351,19 +352,8 @@ class MaskFolderTask(DecodedImagesTask, ObjectiveTask):
 
     def options(self) -> dict[str, Any]:
         """The factory options this task was built with (``None``: the default was used)."""
-        given = self._given_normalization
-        return {
-            "root": str(self.listing.root),
-            "class_names": list(self._given_class_names) if self._given_class_names is not None else None,
-            "classes": list(self.classes) if self.classes is not None else None,
-            "image_size": self.image_size,
-            "channels": self.channels,
-            **{k: (self._fractions or {}).get(k) for k in DEFAULT_FRACTIONS},
-            "split_seed": self._split_seed,
-            "mean": list(given[0]) if given else None,
-            "std": list(given[1]) if given else None,
-            "max_images": self._max_images,
-        }
+        names = list(self._given_class_names) if self._given_class_names is not None else None
+        return {**folder_options(self), "class_names": names}
 
     def describe(self) -> dict[str, Any]:
         return {
