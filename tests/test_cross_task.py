@@ -159,3 +159,44 @@ def test_cross_task_study_end_to_end(ray_session, tmp_path: Path) -> None:
     result = runner.invoke(cli, ["plot", str(exp_id), "--db", db, "--out", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_name_base_net_a_as_the_source_even_with_the_same_metric(tmp_path: Path) -> None:
+    """A source task scored like the target (accuracy -> accuracy) is still marked as the source's."""
+    from tests.store_helpers import trial
+
+    with Store.open(str(tmp_path / "same.db")) as store:
+        exp = store.create_experiment(
+            name="same",
+            study="transfer",
+            spec_text="name: same\n",
+            spec_json={"name": "same", "transfer": {"source": {"task": {"name": "digits"}}}},
+            spec_hash="ab" * 32,
+            primary_metric="accuracy",
+            higher_is_better=True,
+            storage_path=None,
+            code_version="test",
+        )
+        config = {"primary_metric": "accuracy"}
+        ids = store.add_trials(exp, [trial("a", "baseA", config=config), trial("b", "baseB", config=config)])
+        for key, value in (("a", 0.9), ("b", 0.8)):
+            store.add_metrics(ids[key], [(1, "test", "accuracy", value)])
+            store.finish_trial(ids[key], "completed")
+        summary = results_frame(store, exp).attrs["summary"]
+        assert summary.source_metric == "accuracy"
+        assert "(baseA: test accuracy on the source task)" in summary.line()
+        plain = store.create_experiment(
+            name="plain",
+            study="transfer",
+            spec_text="name: plain\n",
+            spec_json={"name": "plain", "transfer": {"split": {"A": [0, 1], "B": [2, 3]}}},
+            spec_hash="cd" * 32,
+            primary_metric="accuracy",
+            higher_is_better=True,
+            storage_path=None,
+            code_version="test",
+        )
+        ids = store.add_trials(plain, [trial("a", "baseA")])
+        store.add_metrics(ids["a"], [(1, "test", "accuracy", 0.9)])
+        store.finish_trial(ids["a"], "completed")
+        assert results_frame(store, plain).attrs["summary"].source_metric is None
