@@ -219,6 +219,8 @@ class AugmentedDataset(InMemoryDataset):
             out of the image.
     """
 
+    per_sample_work = True
+
     def __init__(
         self,
         dataset: InMemoryDataset,

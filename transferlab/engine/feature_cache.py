@@ -49,6 +49,7 @@ class CacheKey:
     transform: str  # the input field and any transform between the data set and the backbone
     depth: int
     dtype: str
+    device: str = "cpu"  # where the features are kept: with the data set's tensors (the GPU's, on CUDA)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class CachedFeatureDataset(InMemoryDataset):
         out = super().batch(indices)
         started = time.perf_counter()
         for key, features in self.features.items():
-            out[key] = features[indices].float()
+            out[key] = features[indices.to(features.device)].float()
         self.serve_seconds += time.perf_counter() - started
         self.served += len(indices)
         return out
@@ -246,7 +247,8 @@ def prepare(
     for split, dataset in datasets.items():
         if len(dataset) == 0:
             continue
-        key = CacheKey(prefix, data, split, transform, depth, dtype)
+        where = str(dataset.tensors[model.input_key].device)
+        key = CacheKey(prefix, data, split, transform, depth, dtype, where)
         entry, computed = STORE.get(key), False
         if entry is None:
             entry, computed = compute(model, dataset, batch_size, device, STORAGE_DTYPES[dtype]), True
@@ -269,7 +271,11 @@ def _entry_bytes(model: Any, dataset: InMemoryDataset, dtype: str) -> int:
 def compute(
     model: Any, dataset: InMemoryDataset, batch_size: int, device: torch.device, dtype: torch.dtype
 ) -> Entry:
-    """Every frozen stage's output for every sample of ``dataset`` (eval mode, no gradients), on CPU."""
+    """Every frozen stage's output for every sample of ``dataset`` (eval mode, no gradients).
+
+    The features are kept where the data set's tensors are: on the GPU for a data set placed there
+    (``fit.place_data``), else in host memory.
+    """
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -277,10 +283,13 @@ def compute(
     full_batches: list[float] = []  # seconds of each full batch: the steady cost, without warm-ups
     try:
         inputs = dataset.tensors[model.input_key]
+        keep = inputs.device
         for start in range(0, len(dataset), batch_size):
             tick = time.perf_counter()
             x = inputs[start : start + batch_size].to(device, non_blocking=True)
-            parts.append([f.to("cpu", dtype) for f in model.forward_frozen(x)])
+            parts.append([f.to(keep, dtype) for f in model.forward_frozen(x)])
+            if device.type == "cuda":  # time the work, not its launch
+                torch.cuda.synchronize(device)
             if len(x) == batch_size:
                 full_batches.append(time.perf_counter() - tick)
     finally:

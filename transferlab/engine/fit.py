@@ -63,6 +63,10 @@ class FitConfig:
     feature_cache_dtype: str = "float32"
     feature_cache_max_mb: float = 2048.0
     channels_last: bool | None = None
+    #: Keep in-memory data sets on the GPU (no host-to-device copy per batch); null: on CUDA when
+    #: they take at most ``data_on_device_max_mb``.
+    data_on_device: bool | None = None
+    data_on_device_max_mb: float = 4096.0
 
 
 @dataclass
@@ -83,6 +87,7 @@ class FitResult:
     seconds: float = 0.0
     checkpoint: Path | None = None
     feature_cache: dict[str, Any] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -104,6 +109,19 @@ def use_channels_last(config: FitConfig, device: torch.device) -> bool:
     return device.type == "cuda" if config.channels_last is None else bool(config.channels_last)
 
 
+class _IndexedBatches(Dataset):
+    """Item i is ``dataset.batch(chunks[i])``: lets DataLoader workers build whole in-memory batches."""
+
+    def __init__(self, dataset: InMemoryDataset, chunks: Sequence[Tensor]) -> None:
+        self.dataset, self.chunks = dataset, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset.batch(self.chunks[index])
+
+
 def iterate_batches(
     dataset: Dataset,
     batch_size: int,
@@ -111,18 +129,63 @@ def iterate_batches(
     shuffle: bool,
     generator: torch.Generator | None,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Batches of ``dataset``; in-memory data sets are sliced directly instead of collated."""
+    """Batches of ``dataset``; in-memory data sets are sliced directly instead of collated.
+
+    ``num_workers`` worker processes build the batches of data sets whose samples cost work
+    (``InMemoryDataset.per_sample_work``, e.g. augmentation) and of data sets read sample by sample;
+    ``pin_memory`` (on CUDA) puts their batches in page-locked memory for asynchronous copies.
+    """
     if isinstance(dataset, InMemoryDataset):
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            yield dataset.batch(order[start : start + batch_size])
+        chunks = order.split(batch_size)
+        if num_workers > 0 and dataset.per_sample_work:
+            yield from DataLoader(
+                _IndexedBatches(dataset, chunks),
+                batch_size=None,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+            )
+            return
+        for chunk in chunks:
+            yield dataset.batch(chunk)
         return
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )
     yield from loader
+
+
+def place_data(
+    datasets: dict[str, Dataset], config: FitConfig, device: torch.device
+) -> tuple[dict[str, Dataset], dict[str, Any]]:
+    """Move in-memory data sets to the GPU when ``config`` allows it; facts for the trial's record.
+
+    On CUDA a batch gathered from tensors already on the GPU needs no host-to-device copy and no
+    synchronisation; data sets whose samples cost work on the CPU (augmentation) stay on the host.
+    """
+    facts: dict[str, Any] = {"device": str(device), "data_on_device": False}
+    if device.type != "cuda" or config.data_on_device is False:
+        return datasets, facts
+    movable = {k: d for k, d in datasets.items() if isinstance(d, InMemoryDataset) and not d.per_sample_work}
+    if not movable:
+        return datasets, facts
+    mb = sum(d.nbytes for d in movable.values()) / 2**20
+    if config.data_on_device is None and mb > config.data_on_device_max_mb:
+        facts["data_on_device_reason"] = (
+            f"the data sets take {mb:.0f} MB, more than train.data_on_device_max_mb="
+            f"{config.data_on_device_max_mb:g}"
+        )
+        return datasets, facts
+    facts.update(data_on_device=True, data_on_device_mb=round(mb, 1))
+    return {k: movable[k].to(device) if k in movable else d for k, d in datasets.items()}, facts
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -185,7 +248,12 @@ def evaluate(
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in iterate_batches(
-            dataset, config.eval_batch_size, shuffle=False, generator=None, num_workers=config.num_workers
+            dataset,
+            config.eval_batch_size,
+            shuffle=False,
+            generator=None,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
         ):
             batch = to_device(batch, device)
             with autocast():
@@ -197,6 +265,15 @@ def evaluate(
     out = {"loss": total / max(count, 1)}
     out.update({k: float(m.compute()) for k, m in metrics.items()})
     return out
+
+
+def defer_loss_reads(device: torch.device) -> bool:
+    """Whether a training epoch reads its losses once at its end instead of after every step.
+
+    On CUDA reading a loss waits for the GPU to finish the step; the losses stay on the GPU until the
+    epoch ends, and a non-finite one is still reported with the step it happened at.
+    """
+    return device.type == "cuda"
 
 
 def train_epoch(
@@ -219,9 +296,17 @@ def train_epoch(
     """
     model.train()
     metrics = {k: m.to(device) for k, m in task.metrics().items()}
-    total, count = 0.0, 0
+    deferred = defer_loss_reads(device)
+    losses: list[Tensor] = []
+    sizes: list[int] = []
+    first_step = steps
     batches = iterate_batches(
-        dataset, config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers
+        dataset,
+        config.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
     )
     for batch in batches:
         batch = to_device(batch, device)
@@ -229,16 +314,26 @@ def train_epoch(
             outputs = model(batch)
             loss = task.loss(outputs, batch)
         steps += 1
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(epoch, steps, value)
+        if deferred:
+            losses.append(loss.detach().float())
+        else:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(epoch, steps, value)
+            losses.append(torch.tensor(value, dtype=torch.float64))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        n = len(batch[model.input_key])
-        total, count = total + value * n, count + n
+        sizes.append(len(batch[model.input_key]))
         task.update_metrics(metrics, outputs, batch)
+    values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        index = int(bad[0])
+        raise NonFiniteLossError(epoch, first_step + index + 1, float(values[index]))
+    count = sum(sizes)
+    total = float((values * torch.tensor(sizes, dtype=torch.float64)).sum()) if sizes else 0.0
     row = {"train/loss": total / max(count, 1)}
     row.update({f"train/{k}": float(m.compute()) for k, m in metrics.items()})
     return row, steps
@@ -296,6 +391,8 @@ def fit(
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
+    if device.type == "cuda":  # the trial records its peak (cuda_peak_mb)
+        torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
     if use_channels_last(config, device):
         model.to(memory_format=torch.channels_last)
@@ -312,8 +409,10 @@ def fit(
     train_set, val_set, test_set = (task.dataset(s) for s in ("train", "val", "test"))
     if augment:  # evaluation data is never augmented
         train_set = augmented_train_set(task, augment, seed=config.seed)
+    placed, device_facts = place_data({"train": train_set, "val": val_set, "test": test_set}, config, device)
+    train_set, val_set, test_set = placed["train"], placed["val"], placed["test"]
     primary, sign = task.primary_metric, (1.0 if task.higher_is_better else -1.0)
-    result = FitResult()
+    result = FitResult(device=device_facts)
     best_score, best_state, stale, first_epoch = -math.inf, None, 0, 1
 
     resume_file = Path(resume_path) if resume_path is not None else None
@@ -411,6 +510,8 @@ def fit(
         result.test_epoch = result.best_epoch
     result.test = evaluate(model, task, test_set, config, device, autocast)
     result.feature_cache = cache.report()
+    if device.type == "cuda":
+        result.device["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if checkpoint_path is not None:
         meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)

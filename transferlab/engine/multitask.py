@@ -382,9 +382,16 @@ def fit_multitask(
     """
     started = time.perf_counter()
     check_keys(model, tasks, weighting)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     loop = MultitaskLoop(model, tasks, weighting, config)
-    # The same facts as fit's cache decision, so multitask and single-task trials record the same keys.
-    result = FitResult(feature_cache=FeatureCache(False, MULTITASK_NO_CACHE).report())
+    # The same facts as fit's cache and data decisions, so multitask and single-task trials record the
+    # same keys (multitask data stays on the host: its batches are drawn per task, see cycled_batches).
+    result = FitResult(
+        feature_cache=FeatureCache(False, MULTITASK_NO_CACHE).report(),
+        device={"device": str(device), "data_on_device": False},
+    )
     resume_file = Path(resume_path) if resume_path is not None else None
     saved = load_training_state(resume_file) if resume_file is not None else None
     if saved is not None:  # continue an interrupted run; report the earlier epochs again
@@ -410,6 +417,8 @@ def fit_multitask(
         model.load_state_dict(loop.best_state)
         result.test_epoch = result.best_epoch
     result.test = loop.evaluate("test")
+    if device.type == "cuda":
+        result.device["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if checkpoint_path is not None:
         meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)

@@ -86,6 +86,7 @@ def finish_facts(result: FitResult, facts: dict[str, Any], resume_path: Path | N
     facts["resumed_from_epoch"] = result.resumed_from
     facts["torch_threads"] = torch.get_num_threads()
     facts.update(result.feature_cache)
+    facts.update(result.device)
     return facts
 
 

@@ -36,6 +36,8 @@ FEATURE_CACHE_FACTS = (
     "feature_cache_seconds_saved",
     "feature_cache_mb",
 )
+#: Where a trial ran (``FitResult.device``): its device, whether its data sat on the GPU, its peak.
+DEVICE_FACTS = ("device", "data_on_device", "data_on_device_mb", "data_on_device_reason", "cuda_peak_mb")
 
 
 class DriverError(RuntimeError):
@@ -274,6 +276,7 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
                         "num_stages",
                         "torch_threads",
                         *FEATURE_CACHE_FACTS,
+                        *DEVICE_FACTS,
                     )
                 },
             )

@@ -79,6 +79,10 @@ class TrainSpec(_Strict):
     feature_cache_max_mb: float = Field(2048.0, ge=0)
     #: Convolution weights in channels-last (NHWC) memory format; null: on CUDA only.
     channels_last: bool | None = None
+    #: Keep in-memory data sets (and cached features) on the GPU; null: on CUDA when they take at
+    #: most data_on_device_max_mb.
+    data_on_device: bool | None = None
+    data_on_device_max_mb: float = Field(4096.0, ge=0)
 
 
 class Resources(_Strict):

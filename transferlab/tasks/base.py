@@ -58,6 +58,10 @@ class InMemoryDataset(Dataset):
     than collating single samples for small bundled data sets.
     """
 
+    #: Whether building a batch costs per-sample work on the CPU (augmentation): such data sets stay
+    #: on the host and may use DataLoader workers (``train.num_workers``).
+    per_sample_work = False
+
     def __init__(self, tensors: dict[str, Tensor], extras: dict[str, list[Any]] | None = None) -> None:
         sizes = {len(t) for t in tensors.values()} | {len(v) for v in (extras or {}).values()}
         if len(sizes) != 1:
@@ -76,10 +80,20 @@ class InMemoryDataset(Dataset):
 
     def batch(self, indices: Tensor) -> dict[str, Any]:
         """The samples at ``indices`` (a 1-D long tensor) as one batch dict."""
-        out: dict[str, Any] = {k: t[indices] for k, t in self.tensors.items()}
-        idx = indices.tolist()
-        out.update({k: [v[i] for i in idx] for k, v in self.extras.items()})
+        out: dict[str, Any] = {k: t[indices.to(t.device)] for k, t in self.tensors.items()}
+        if self.extras:
+            idx = indices.tolist()
+            out.update({k: [v[i] for i in idx] for k, v in self.extras.items()})
         return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stacked tensors (the per-sample Python values not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: torch.device | str) -> InMemoryDataset:
+        """A copy whose tensors live on ``device`` (batches are then gathered there, without copies)."""
+        return InMemoryDataset({k: t.to(device) for k, t in self.tensors.items()}, self.extras)
 
 
 def stable_hash(obj: Any) -> str:
