@@ -16,6 +16,8 @@ Sections:
 * ``throughput``: ``benchmarks.trainer_throughput`` on CUDA: ResNet-50 at 224 px in bf16 and ResNet-18
   at 32 px (where per-step synchronisation would show), fit against a plain loop, with GPU
   utilisation (NVML samples) and peak memory.
+* ``ablation``: ResNet-18 at 32 px (launch-bound) through ``fit`` with one thing changed at a time
+  (optimiser kernels, memory format, metric updates) against the plain loop in both formats.
 * ``study``: ``yosinski-digits`` (one seed, 27 trials) through ``transferlab.submit`` on the GPU with
   ``resources.gpu: 1`` (one trial at a time) and ``gpu: 0.25`` (four share the GPU): wall time, trials
   running at once, GPU utilisation, each trial's peak memory, and the accuracies side by side.
@@ -43,7 +45,7 @@ import torch
 
 from benchmarks.record import machine_info, write_record
 
-SECTIONS = ("env", "checks", "throughput", "study")
+SECTIONS = ("env", "checks", "throughput", "ablation", "study")
 
 
 # -- GPU utilisation -------------------------------------------------------------------------------------
@@ -303,6 +305,84 @@ def section_throughput(rounds: int) -> dict[str, Any]:
     return {"cases": out, "ok": True}
 
 
+def section_ablation(rounds: int) -> dict[str, Any]:
+    """Where a small model's steps go in ``fit`` on CUDA: fit with one thing changed at a time.
+
+    ResNet-18 at 32 px is launch-bound (each step is many tiny kernels), so per-step work that the
+    plain loop does not do shows here: fused vs foreach optimiser, channels-last vs NCHW, metric
+    updates; the plain loop in NCHW and in channels-last is the baseline.
+    """
+    from benchmarks.record import alternate, summary
+    from benchmarks.trainer_throughput import Case, EpochTimer, build, plain_run
+    from transferlab.engine import fit as fit_module
+    from transferlab.engine.fit import FitConfig, fit
+
+    case = Case("resnet18-32px-cuda-bf16", "cuda", "timm/resnet18", 32, 4096, 64, 2, amp=True)
+    torch.manual_seed(0)
+    model, task = build(case)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    images = case.train_images * case.epochs
+    device = torch.device("cuda")
+
+    def fit_variant(
+        channels_last: bool = True, fused: bool = True, metrics: bool = True
+    ) -> Callable[[], float]:
+        def run() -> float:
+            model.load_state_dict(initial)
+            config = FitConfig(
+                epochs=case.epochs,
+                batch_size=case.batch_size,
+                eval_batch_size=256,
+                lr=0.05,
+                schedule="none",
+                amp=True,
+                device="cuda",
+                channels_last=channels_last,
+            )
+            saved_fused, saved_update = fit_module.fused_optimizer, task.update_metrics
+            if not fused:
+                fit_module.fused_optimizer = lambda groups: None
+            if not metrics:
+                task.update_metrics = lambda *args, **kwargs: None
+            try:
+                with EpochTimer(device) as timer:
+                    fit(model, task, config)
+            finally:
+                fit_module.fused_optimizer, task.update_metrics = saved_fused, saved_update
+            model.to(memory_format=torch.contiguous_format)
+            return images / timer.seconds
+
+        return run
+
+    def plain_variant(channels_last: bool) -> Callable[[], float]:
+        def run() -> float:
+            model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            return plain_run(model, initial, task, case)
+
+        return run
+
+    runs = {
+        "fit": fit_variant(),
+        "fit_foreach_optimizer": fit_variant(fused=False),
+        "fit_nchw": fit_variant(channels_last=False),
+        "fit_no_metric_updates": fit_variant(metrics=False),
+        "plain_nchw": plain_variant(False),
+        "plain_channels_last": plain_variant(True),
+    }
+    alternate(runs, 1)
+    measured = alternate(runs, rounds)
+    base = statistics.median(measured["plain_nchw"])
+    out = {
+        name: {**summary(v), "vs_plain_nchw": round(statistics.median(v) / base, 3)}
+        for name, v in measured.items()
+    }
+    for name, row in out.items():
+        print(
+            f"[gpu_check]   {name:24s} {row['median']:8.0f} images/s  x{row['vs_plain_nchw']:.3f}", flush=True
+        )
+    return {"case": case.name, "variants": out, "ok": True}
+
+
 # -- fractional-GPU study ---------------------------------------------------------------------------------
 
 
@@ -427,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                     part = section_checks(folder)
                 elif section == "throughput":
                     part = section_throughput(args.rounds)
+                elif section == "ablation":
+                    part = section_ablation(args.rounds)
                 else:
                     part = section_study(folder)
             except Exception as exc:
