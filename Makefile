@@ -46,5 +46,6 @@ bench-full: $(STAMP)
 	$(BIN)/python -m benchmarks.store_queries
 	$(BIN)/python -m benchmarks.study_walltime
 
+# The GPU check (benchmarks/gpu_check.py): CUDA checks, throughput, an ablation, a fractional-GPU study.
 bench-gpu: $(STAMP)
-	$(BIN)/python -m benchmarks.trainer_throughput --device cuda
+	$(BIN)/python -m benchmarks.gpu_check

@@ -280,14 +280,10 @@ def section_checks(folder: Path) -> dict[str, Any]:
 
 
 def section_throughput(rounds: int) -> dict[str, Any]:
-    from benchmarks.trainer_throughput import Case, measure
+    from benchmarks.trainer_throughput import cuda_cases, measure
 
-    cases = [
-        Case("resnet50-224px-cuda-bf16", "cuda", "timm/resnet50", 224, 1024, 64, 3, amp=True),
-        Case("resnet18-32px-cuda-bf16", "cuda", "timm/resnet18", 32, 4096, 64, 3, amp=True),
-    ]
     out = []
-    for case in cases:
+    for case in cuda_cases():
         print(f"[gpu_check] throughput {case.name} ...", flush=True)
         torch.cuda.reset_peak_memory_stats()
         with GpuSampler() as sampler:

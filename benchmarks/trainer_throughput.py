@@ -10,7 +10,8 @@ final test pass (32 images each), is reported beside it. The plain loop times it
 optimiser's creation.
 
 Cases: CPU, timm ResNet-18 at 32 x 32 on the shapes task (always); with ``--device cuda``, ResNet-50
-at 224 x 224 in bf16 autocast (fit turns AMP on for CUDA; the plain loop uses ``torch.autocast``).
+at 224 x 224 and ResNet-18 at 32 x 32 in bf16 autocast (fit turns AMP on for CUDA; the plain loop
+uses ``torch.autocast``). ``benchmarks/gpu_check.py`` runs the CUDA cases with GPU utilisation.
 
     python -m benchmarks.trainer_throughput            # CPU case, 5 rounds
     python -m benchmarks.trainer_throughput --quick    # fewer images and rounds
@@ -57,9 +58,15 @@ def cases(device: str, quick: bool) -> list[Case]:
     """The CPU case always; the GPU case (ResNet-50, 224 px, bf16) when ``device`` is cuda."""
     n = 256 if quick else 1024
     out = [Case("resnet18-32px-cpu", "cpu", "timm/resnet18", 32, n, 64, 2, amp=False)]
-    if device == "cuda":
-        out.append(Case("resnet50-224px-cuda-bf16", "cuda", "timm/resnet50", 224, 4 * n, 64, 2, amp=True))
-    return out
+    return out + (cuda_cases() if device == "cuda" else [])
+
+
+def cuda_cases() -> list[Case]:
+    """ResNet-50 at 224 px (compute-bound) and ResNet-18 at 32 px (launch-bound), both in bf16."""
+    return [
+        Case("resnet50-224px-cuda-bf16", "cuda", "timm/resnet50", 224, 1024, 64, 3, amp=True),
+        Case("resnet18-32px-cuda-bf16", "cuda", "timm/resnet18", 32, 4096, 64, 3, amp=True),
+    ]
 
 
 def build(case: Case) -> tuple[TransferModel, Task]:
