@@ -1,8 +1,10 @@
 """Run a planned study with Ray Tune and record everything in the store.
 
 The driver is the only writer of the store: Ray workers report metrics with ``tune.report`` and a
-Tune callback in this process writes them. Trials run level by level (base nets, then the transfer
-nets that copy them); a transfer trial whose base failed is marked ``skipped`` with the reason.
+Tune callback in this process writes them. The whole trial graph is one Tune experiment: a searcher
+hands Tune each transfer net once the base net it copies has completed (so worker processes stay warm
+from base nets to transfer nets); a transfer trial whose base failed is marked ``skipped`` with the
+reason.
 """
 
 from __future__ import annotations
@@ -296,16 +298,26 @@ def _make_callback(run: StudyRun, by_key: dict[str, PlannedTrial]) -> Any:
     return StoreCallback()
 
 
-def run_level(
+def skip_trial(run: StudyRun, trial: PlannedTrial, reason: str) -> None:
+    """Mark ``trial`` skipped (its base net did not complete) in the store and tell ``on_event``."""
+    run.store.finish_trial(run.trial_ids[trial.key], "skipped", error=reason)
+    run.status[trial.key] = "skipped"
+    if run.on_event:
+        run.on_event("skipped", trial, {"error": reason})
+
+
+def run_graph(
     run: StudyRun,
     vspec: ValidatedSpec,
     trials: list[PlannedTrial],
-    configs: list[dict[str, Any]],
+    configs: dict[str, dict[str, Any]],
     storage: Path,
     name: str,
 ) -> None:
-    """Run one level of the trial graph as one Tune experiment."""
+    """Run ``trials`` (plan order: base nets first) as one Tune experiment; see ``GraphSearcher``."""
     from ray import tune
+
+    from transferlab.service.graph_search import GRAPHS, GraphSearcher
 
     # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what the store keeps; skip them.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -316,11 +328,16 @@ def run_level(
     experiment = vspec.spec.name
     res = vspec.spec.resources
     trainable = tune.with_resources(ray_trainable, {"cpu": res.cpu, "gpu": res.gpu})
+    graph = f"{run.experiment_id}-{name}"
+    GRAPHS[graph] = (run, by_key, configs)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(
-            num_samples=1,
+            search_alg=GraphSearcher(graph, [t.key for t in trials]),
+            num_samples=len(trials),
+            # Tune asks a custom searcher for one trial at a time unless told how many may run at
+            # once; every trial may (Ray's resources are the limit).
+            max_concurrent_trials=len(trials),
             trial_name_creator=lambda t: by_key[t.config["trial"]["trial_key"]].display_name(experiment),
             trial_dirname_creator=lambda t: _dirname(
                 by_key[t.config["trial"]["trial_key"]].display_name(experiment)
@@ -349,6 +366,7 @@ def run_level(
     try:
         tuner.fit()
     finally:
+        GRAPHS.pop(graph, None)
         tune_logger.setLevel(level)
         if in_main:
             signal.signal(signal.SIGINT, sigint)
@@ -412,21 +430,6 @@ def record_study(vspec: ValidatedSpec, store: Any, runs: Path | None = None) -> 
     """
     exp_id, _, _ = _record(vspec, store, plan_trials(vspec), runs_dir(runs))
     return exp_id
-
-
-def _ready_trials(run: StudyRun, trials: list[PlannedTrial], configs: dict[str, dict[str, Any]]) -> list:
-    """Trials of one level whose base net completed; the others are marked skipped with the reason."""
-    ready = []
-    for t in trials:
-        if t.base_key is not None and run.status.get(t.base_key) != "completed":
-            reason = f"base trial {t.base_key} did not complete ({run.status.get(t.base_key, 'not run')})"
-            run.store.finish_trial(run.trial_ids[t.key], "skipped", error=reason)
-            run.status[t.key] = "skipped"
-            if run.on_event:
-                run.on_event("skipped", t, {"error": reason})
-            continue
-        ready.append(t)
-    return ready
 
 
 def run_study(
@@ -502,24 +505,21 @@ def _execute(
     configs: dict[str, dict[str, Any]],
     on_created: Callable[[int, list[PlannedTrial]], None] | None,
 ) -> None:
-    """Run the trials without a final status, level by level, and set the experiment's status."""
+    """Run the trials without a final status as one Tune experiment and set the experiment's status."""
     store, exp_id = run.store, run.experiment_id
     try:
         if on_created:
             on_created(exp_id, [t for t in trials if t.key not in run.status])
         store.set_experiment_status(exp_id, "running", started=True)
         with _sigterm_as_interrupt():
-            for level in sorted({t.level for t in trials}):
-                todo = [t for t in trials if t.level == level and t.key not in run.status]
-                ready = _ready_trials(run, todo, configs)
-                if not ready:
-                    continue
-                tune_folder = Path(configs[ready[0].key]["tune_folder"])
+            todo = sorted((t for t in trials if t.key not in run.status), key=lambda t: t.level)
+            if todo:
+                tune_folder = Path(configs[todo[0].key]["tune_folder"])
                 # A fresh Tune experiment name per attempt: a resumed study never reuses a dead one's files.
-                name = f"level{level}-{time.strftime('%Y%m%d-%H%M%S')}"
-                run_level(run, vspec, ready, [configs[t.key] for t in ready], tune_folder, name)
+                name = f"study-{time.strftime('%Y%m%d-%H%M%S')}"
+                run_graph(run, vspec, todo, configs, tune_folder, name)
                 # Tune answers Ctrl-C by stopping its trials and returning normally; notice that here.
-                unfinished = [t.key for t in ready if run.status.get(t.key) not in ("completed", "failed")]
+                unfinished = [t.key for t in todo if run.status.get(t.key) not in FINAL_STATUSES]
                 if unfinished:
                     raise StudyInterrupted(
                         f"the study was interrupted with {len(unfinished)} trials unfinished"
