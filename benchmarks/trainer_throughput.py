@@ -58,14 +58,15 @@ def cases(device: str, quick: bool) -> list[Case]:
     """The CPU case always; the GPU case (ResNet-50, 224 px, bf16) when ``device`` is cuda."""
     n = 256 if quick else 1024
     out = [Case("resnet18-32px-cpu", "cpu", "timm/resnet18", 32, n, 64, 2, amp=False)]
-    return out + (cuda_cases() if device == "cuda" else [])
+    return out + (cuda_cases(quick) if device == "cuda" else [])
 
 
-def cuda_cases() -> list[Case]:
+def cuda_cases(quick: bool = False) -> list[Case]:
     """ResNet-50 at 224 px (compute-bound) and ResNet-18 at 32 px (launch-bound), both in bf16."""
+    n = 256 if quick else 1024
     return [
-        Case("resnet50-224px-cuda-bf16", "cuda", "timm/resnet50", 224, 1024, 64, 3, amp=True),
-        Case("resnet18-32px-cuda-bf16", "cuda", "timm/resnet18", 32, 4096, 64, 3, amp=True),
+        Case("resnet50-224px-cuda-bf16", "cuda", "timm/resnet50", 224, n, 64, 3, amp=True),
+        Case("resnet18-32px-cuda-bf16", "cuda", "timm/resnet18", 32, 4 * n, 64, 3, amp=True),
     ]
 
 

@@ -132,3 +132,43 @@ def test_a_trial_records_where_it_ran(tmp_path) -> None:
     _, facts = run_trial(trial, checkpoint_path=tmp_path / "m.safetensors")
     assert facts["device"] == "cpu" and facts["data_on_device"] is False
     assert "cuda_peak_mb" not in facts
+
+
+def test_an_empty_split_gives_no_batch() -> None:
+    empty = InMemoryDataset({"image": torch.zeros(0, 3, 4, 4), "label": torch.zeros(0, dtype=torch.long)})
+    assert list(iterate_batches(empty, 8, shuffle=True, generator=torch.Generator())) == []
+    assert list(iterate_batches(empty, 8, shuffle=False, generator=None)) == []
+
+
+def test_a_dataset_with_its_own_batches_refuses_to_move() -> None:
+    shapes = build_task("shapes", {"image_size": 16, "train_size": 8, "val_size": 4, "test_size": 4})
+    train = augmented_train_set(shapes, [{"name": "HorizontalFlip", "p": 0.5}], seed=0)
+    with pytest.raises(TypeError, match="AugmentedDataset gathers its own batches"):
+        train.to("cpu")
+
+
+def test_worker_processes_leave_the_global_random_stream_alone() -> None:
+    shapes = build_task("shapes", {"image_size": 16, "train_size": 24, "val_size": 4, "test_size": 4})
+    train = augmented_train_set(shapes, [{"name": "HorizontalFlip", "p": 0.5}], seed=0)
+    draws = []
+    for workers in (0, 2):
+        torch.manual_seed(7)
+        list(iterate_batches(train, 8, shuffle=True, generator=torch.Generator(), num_workers=workers))
+        draws.append(torch.rand(3))  # e.g. the dropout masks of the next step
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_a_resumed_optimizer_keeps_its_fused_kernels() -> None:
+    from transferlab.engine.fit import load_optimizer_state
+
+    weights = [torch.nn.Parameter(torch.ones(3))]
+    saved_by_foreach = torch.optim.SGD(weights, lr=0.1, momentum=0.9)
+    weights[0].grad = torch.ones(3)
+    saved_by_foreach.step()
+    fused = torch.optim.SGD(weights, lr=0.1, momentum=0.9, fused=True)
+    load_optimizer_state(fused, saved_by_foreach.state_dict())
+    assert fused.param_groups[0]["fused"] is True
+    momentum = fused.state[weights[0]]["momentum_buffer"]
+    assert torch.equal(momentum, torch.ones(3))  # the saved state itself did load
+    fused.step()  # the fused kernel runs with the loaded state
+    assert torch.allclose(weights[0].detach(), torch.full((3,), 1 - 0.1 - 0.1 * 1.9))

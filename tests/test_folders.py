@@ -513,3 +513,22 @@ def test_a_relative_root_is_made_absolute_for_the_trials(
     vspec = validate_spec_text(text)
     (trial,) = plan_trials(vspec)
     assert trial.config(vspec)["task"]["options"]["root"] == str(tmp_path / "data")
+
+
+def test_threads_decode_the_same_pixels_and_problems_in_order(folder: Path, monkeypatch) -> None:
+    from transferlab.tasks import folders
+
+    files = sorted(folder.rglob("*.png"))
+    (folder / CLASSES[0] / "broken.png").write_bytes(b"not a png")
+    files.insert(3, folder / CLASSES[0] / "broken.png")
+    files.insert(5, folder / "missing.png")
+    results = {}
+    for workers in (1, 4):
+        monkeypatch.setattr(folders, "decode_workers", lambda count, w=workers: w)
+        pixels = np.zeros((len(files), 16, 16, 3), dtype=np.uint8)
+        results[workers] = (folders.decode_files(files, pixels), pixels)
+    (one, pixels_one), (four, pixels_four) = results[1], results[4]
+    assert one == four and np.array_equal(pixels_one, pixels_four)
+    assert [i for i, (_, problem, _) in enumerate(four) if problem] == [3, 5]
+    assert "no such file" in four[5][1] and pixels_four[0].any()
+    assert folders.decode_workers(10) == 1  # a handful of files is decoded on the calling thread

@@ -209,6 +209,7 @@ def prepare(
     max_mb: float,
     batch_size: int,
     device: torch.device,
+    gpu_budget_mb: float = 0.0,
 ) -> FeatureCache:
     """Look up or compute the frozen prefix's features of every split, or say why not.
 
@@ -222,6 +223,8 @@ def prepare(
         max_mb: The process-wide size limit of the cache, in MiB.
         batch_size: Samples per prefix pass.
         device: Where the prefix runs.
+        gpu_budget_mb: GPU memory the features may take when the data sets are on the GPU; features
+            that do not fit are kept in host memory (and copied to the GPU batch by batch).
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(
@@ -244,14 +247,15 @@ def prepare(
         log.warning("feature cache off: %s", reason)
         return FeatureCache(False, reason, dtype)
     cache = FeatureCache(True, "", dtype)
+    on_gpu = needed <= gpu_budget_mb * 2**20
     for split, dataset in datasets.items():
         if len(dataset) == 0:
             continue
-        where = str(dataset.tensors[model.input_key].device)
-        key = CacheKey(prefix, data, split, transform, depth, dtype, where)
+        keep = dataset.device if dataset.device.type == "cpu" or on_gpu else torch.device("cpu")
+        key = CacheKey(prefix, data, split, transform, depth, dtype, str(keep))
         entry, computed = STORE.get(key), False
         if entry is None:
-            entry, computed = compute(model, dataset, batch_size, device, STORAGE_DTYPES[dtype]), True
+            entry, computed = compute(model, dataset, batch_size, device, STORAGE_DTYPES[dtype], keep), True
             STORE.put(key, entry, max_bytes)
         cache.splits[split] = CachedFeatureDataset(dataset, entry, computed)
     return cache
@@ -269,12 +273,17 @@ def _entry_bytes(model: Any, dataset: InMemoryDataset, dtype: str) -> int:
 
 
 def compute(
-    model: Any, dataset: InMemoryDataset, batch_size: int, device: torch.device, dtype: torch.dtype
+    model: Any,
+    dataset: InMemoryDataset,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep: torch.device | None = None,
 ) -> Entry:
     """Every frozen stage's output for every sample of ``dataset`` (eval mode, no gradients).
 
-    The features are kept where the data set's tensors are: on the GPU for a data set placed there
-    (``fit.place_data``), else in host memory.
+    The features are kept on ``keep``: by default where the data set's tensors are (on the GPU for a
+    data set placed there by ``fit.place_data``), else in host memory.
     """
     started = time.perf_counter()
     was_training = model.training
@@ -283,7 +292,7 @@ def compute(
     full_batches: list[float] = []  # seconds of each full batch: the steady cost, without warm-ups
     try:
         inputs = dataset.tensors[model.input_key]
-        keep = inputs.device
+        keep = inputs.device if keep is None else keep
         for start in range(0, len(dataset), batch_size):
             tick = time.perf_counter()
             x = inputs[start : start + batch_size].to(device, non_blocking=True)

@@ -137,26 +137,33 @@ def iterate_batches(
     (``InMemoryDataset.per_sample_work``, e.g. augmentation) and of data sets read sample by sample;
     ``pin_memory`` (on CUDA) puts their batches in page-locked memory for asynchronous copies.
     """
+    # Worker processes draw their base seed from this generator, not from torch's global one, so
+    # the trial's other random draws are the same with and without workers.
+    seeds = torch.Generator().manual_seed(0)
     if isinstance(dataset, InMemoryDataset):
         n = len(dataset)
+        if n == 0:
+            return
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        chunks = order.split(batch_size)
         if num_workers > 0 and dataset.per_sample_work:
             yield from DataLoader(
-                _IndexedBatches(dataset, chunks),
+                _IndexedBatches(dataset, order.split(batch_size)),
                 batch_size=None,
                 num_workers=num_workers,
                 pin_memory=pin_memory,
+                generator=seeds,
             )
             return
-        for chunk in chunks:
+        if not dataset.extras:  # one copy of the order per epoch, not one per batch (and no GPU sync)
+            order = order.to(dataset.device)
+        for chunk in order.split(batch_size):
             yield dataset.batch(chunk)
         return
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        generator=generator,
+        generator=generator if shuffle else seeds,
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
@@ -228,6 +235,20 @@ def fused_optimizer(groups: Sequence[dict[str, Any]]) -> bool | None:
     """``fused=True`` when every parameter is a floating-point CUDA tensor, else torch's default."""
     params = [p for g in groups for p in g["params"]]
     return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, keeping each group's ``fused`` setting as it is now.
+
+    ``load_state_dict`` takes every group option from the saved state; a state saved by a run without
+    the fused optimiser would turn it off again, while the optimiser still asks a gradient scaler for
+    the fused step's arguments (an error under float16 mixed precision).
+    """
+    saved, now = state["param_groups"], optimizer.param_groups
+    if len(saved) == len(now):  # else load_state_dict says what does not match
+        groups = [dict(g, fused=n.get("fused")) for g, n in zip(saved, now, strict=True)]
+        state = {**state, "param_groups": groups}
+    optimizer.load_state_dict(state)
 
 
 def build_schedule(
@@ -400,8 +421,9 @@ def fit(
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
-    if device.type == "cuda":  # the trial records its peak (cuda_peak_mb)
+    if device.type == "cuda":  # the trial records its peak (cuda_peak_mb) and what it started with
         torch.cuda.reset_peak_memory_stats(device)
+        held_at_start = torch.cuda.memory_allocated(device)
     model.to(device)
     if use_channels_last(config, device):
         model.to(memory_format=torch.channels_last)
@@ -428,7 +450,7 @@ def fit(
     saved = load_training_state(resume_file) if resume_file is not None else None
     if saved is not None:  # continue an interrupted run exactly where its last epoch ended
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         if schedule is not None:
             schedule.load_state_dict(saved["schedule"])
         scaler.load_state_dict(saved["scaler"])
@@ -453,6 +475,8 @@ def fit(
         max_mb=config.feature_cache_max_mb,
         batch_size=config.batch_size,  # on CPU large batches run the prefix slower per sample
         device=device,
+        # Features join data sets placed on the GPU only within the same budget; else the host keeps them.
+        gpu_budget_mb=config.data_on_device_max_mb - result.device.get("data_on_device_mb", 0.0),
     )
     train_set, val_set, test_set = (
         cache.wrap(s, d) for s, d in (("train", train_set), ("val", val_set), ("test", test_set))
@@ -521,6 +545,9 @@ def fit(
     result.feature_cache = cache.report()
     if device.type == "cuda":
         result.device["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        # What the process already held when the trial began (a reused worker's cached features).
+        result.device["cuda_held_at_start_mb"] = round(held_at_start / 2**20, 1)
+        torch.cuda.empty_cache()  # hand unused cached blocks back: other trials may share this GPU
     if checkpoint_path is not None:
         meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)

@@ -5,6 +5,8 @@ under ``torch.no_grad()`` so no activation is kept for backward, and with ``bn_p
 they stay in eval mode after ``model.train()`` (BatchNorm keeps its running statistics, dropout is
 off), which makes the frozen prefix a fixed function of its input. ``bn_policy="train"`` lets the
 frozen stages follow ``train()``, so BatchNorm statistics adapt to the new data while weights stay.
+(``torch.no_grad`` rather than ``torch.inference_mode``: the trainable stages save the prefix's
+output for their weights' gradients, which autograd refuses for inference-mode tensors.)
 """
 
 from __future__ import annotations

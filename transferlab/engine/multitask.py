@@ -36,6 +36,7 @@ from transferlab.engine.fit import (
     build_optimizer,
     build_schedule,
     iterate_batches,
+    load_optimizer_state,
     load_training_state,
     resolve_device,
     save_training_state,
@@ -335,7 +336,7 @@ class MultitaskLoop:
         """Continue from a saved ``state``."""
         self.model.load_state_dict(saved["model"])
         self.weighting.load_state_dict(saved["weighting"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(self.optimizer, saved["optimizer"])
         if self.schedule is not None:
             self.schedule.load_state_dict(saved["schedule"])
         self.generator.set_state(saved["generator"])
@@ -385,6 +386,7 @@ def fit_multitask(
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        held_at_start = torch.cuda.memory_allocated(device)
     loop = MultitaskLoop(model, tasks, weighting, config)
     # The same facts as fit's cache and data decisions, so multitask and single-task trials record the
     # same keys (multitask data stays on the host: its batches are drawn per task, see cycled_batches).
@@ -419,6 +421,8 @@ def fit_multitask(
     result.test = loop.evaluate("test")
     if device.type == "cuda":
         result.device["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        result.device["cuda_held_at_start_mb"] = round(held_at_start / 2**20, 1)
+        torch.cuda.empty_cache()
     if checkpoint_path is not None:
         meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)

@@ -39,7 +39,14 @@ FEATURE_CACHE_FACTS = (
     "feature_cache_mb",
 )
 #: Where a trial ran (``FitResult.device``): its device, whether its data sat on the GPU, its peak.
-DEVICE_FACTS = ("device", "data_on_device", "data_on_device_mb", "data_on_device_reason", "cuda_peak_mb")
+DEVICE_FACTS = (
+    "device",
+    "data_on_device",
+    "data_on_device_mb",
+    "data_on_device_reason",
+    "cuda_peak_mb",
+    "cuda_held_at_start_mb",
+)
 
 
 class DriverError(RuntimeError):
@@ -547,7 +554,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C while the study runs (main thread only).
 
     The handler re-raises it as SIGINT, so whoever handles Ctrl-C at that moment acts: Tune's
-    handler (stop the running trials cleanly) during a level, Python's (``KeyboardInterrupt``) between.
+    handler (stop the running trials cleanly) while Tune runs, Python's (``KeyboardInterrupt``) before
+    and after.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

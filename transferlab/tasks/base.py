@@ -87,12 +87,22 @@ class InMemoryDataset(Dataset):
         return out
 
     @property
+    def device(self) -> torch.device:
+        """Where the tensors are (the first field's device; ``to`` moves them all)."""
+        return next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the stacked tensors (the per-sample Python values not counted)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device: torch.device | str) -> InMemoryDataset:
-        """A copy whose tensors live on ``device`` (batches are then gathered there, without copies)."""
+        """A copy whose tensors live on ``device`` (batches are then gathered there, without copies).
+
+        The copy is a plain ``InMemoryDataset``: a subclass with its own ``batch`` must not be moved.
+        """
+        if type(self).batch is not InMemoryDataset.batch:
+            raise TypeError(f"{type(self).__name__} gathers its own batches and cannot be moved to {device}")
         return InMemoryDataset({k: t.to(device) for k, t in self.tensors.items()}, self.extras)
 
 

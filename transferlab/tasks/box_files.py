@@ -49,7 +49,7 @@ import torch
 
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, InMemoryDataset, ObjectiveTask, TargetSpec, stable_hash
-from transferlab.tasks.folders import DecodedImagesTask, _listed, decode_file
+from transferlab.tasks.folders import DecodedImagesTask, _listed, decode_files
 from transferlab.tasks.localization import BoxObjective
 from transferlab.tasks.splits import (
     Normalization,
@@ -275,9 +275,10 @@ def decode_boxed_images(
     pixels = np.empty((len(annotations), size, size, channels), dtype=np.uint8)
     boxes = np.empty((len(annotations), 4), dtype=np.float32)
     digests, problems = [], []
-    for i, annotation in enumerate(annotations):
+    decoded = decode_files([root / a.file for a in annotations], pixels, crop=False)
+    for i, (annotation, result) in enumerate(zip(annotations, decoded, strict=True)):
+        digest, problem, (width, height) = result
         path = root / annotation.file
-        digest, problem, (width, height) = decode_file(path, pixels, i, crop=False)
         digests.append(digest)
         if problem is not None:
             problems.append(f"{path} ({annotation.where}): {problem}")

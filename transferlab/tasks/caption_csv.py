@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from transferlab.registry import TASKS
 from transferlab.tasks.base import SPLITS, InMemoryDataset, ObjectiveTask, TargetSpec, stable_hash
 from transferlab.tasks.captioning import SPECIALS, CaptionObjective, tokenize
-from transferlab.tasks.folders import MAX_IMAGES, _listed, decode_file
+from transferlab.tasks.folders import MAX_IMAGES, _listed, decode_files
 from transferlab.tasks.splits import (
     Normalization,
     check_choice,
@@ -143,13 +143,13 @@ def decode_listed_images(
     """
     pixels = np.empty((len(rows.files), image_size, image_size, channels), dtype=np.uint8)
     digests, problems = [], []
-    for i, (name, line) in enumerate(zip(rows.files, rows.lines, strict=True)):
+    decoded = decode_files([root / name for name in rows.files], pixels)
+    for name, line, (digest, problem, _) in zip(rows.files, rows.lines, decoded, strict=True):
         image = root / name
         if not image.is_file():
             problems.append(f"{path}:{line}: image '{name}' not found (looked for {image})")
             digests.append("")
             continue
-        digest, problem, _ = decode_file(image, pixels, i)
         digests.append(digest)
         if problem is not None:
             problems.append(f"{path}:{line}: {image}: {problem}")
