@@ -518,6 +518,7 @@ def test_a_relative_root_is_made_absolute_for_the_trials(
 def test_threads_decode_the_same_pixels_and_problems_in_order(folder: Path, monkeypatch) -> None:
     from transferlab.tasks import folders
 
+    assert folders.decode_workers(10) == 1  # a handful of files is decoded on the calling thread
     files = sorted(folder.rglob("*.png"))
     (folder / CLASSES[0] / "broken.png").write_bytes(b"not a png")
     files.insert(3, folder / CLASSES[0] / "broken.png")
@@ -531,4 +532,3 @@ def test_threads_decode_the_same_pixels_and_problems_in_order(folder: Path, monk
     assert one == four and np.array_equal(pixels_one, pixels_four)
     assert [i for i, (_, problem, _) in enumerate(four) if problem] == [3, 5]
     assert "no such file" in four[5][1] and pixels_four[0].any()
-    assert folders.decode_workers(10) == 1  # a handful of files is decoded on the calling thread
