@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import statistics
 import time
 from collections import OrderedDict
@@ -49,7 +50,7 @@ class CacheKey:
     transform: str  # the input field and any transform between the data set and the backbone
     depth: int
     dtype: str
-    device: str = "cpu"  # where the features are kept: with the data set's tensors (the GPU's, on CUDA)
+    device: str = "cpu"  # where the features are kept: the GPU only within ``gpu_budget_mb``, else the host
 
 
 @dataclass
@@ -126,6 +127,14 @@ class CachedFeatureDataset(InMemoryDataset):
         self.computed_here = computed_here
         self.served = 0
         self.serve_seconds = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        """Where batch indices are best made: the host when any features are kept there (indices go
+        to the GPU without waiting for it; the other way round each batch would wait)."""
+        if any(f.device.type == "cpu" for f in self.features.values()):
+            return torch.device("cpu")
+        return super().device
 
     def batch(self, indices: Tensor) -> dict[str, Any]:
         out = super().batch(indices)
@@ -209,7 +218,7 @@ def prepare(
     max_mb: float,
     batch_size: int,
     device: torch.device,
-    gpu_budget_mb: float = 0.0,
+    gpu_budget_mb: float = math.inf,
 ) -> FeatureCache:
     """Look up or compute the frozen prefix's features of every split, or say why not.
 

@@ -138,7 +138,8 @@ def iterate_batches(
     ``pin_memory`` (on CUDA) puts their batches in page-locked memory for asynchronous copies.
     """
     # Worker processes draw their base seed from this generator, not from torch's global one, so
-    # the trial's other random draws are the same with and without workers.
+    # the trial's other random draws are the same with and without workers. It is the same seed every
+    # epoch: augmentation draws are seeded per (seed, epoch, sample), not by the worker's generators.
     seeds = torch.Generator().manual_seed(0)
     if isinstance(dataset, InMemoryDataset):
         n = len(dataset)
@@ -422,6 +423,7 @@ def fit(
     started = time.perf_counter()
     device = resolve_device(config.device)
     if device.type == "cuda":  # the trial records its peak (cuda_peak_mb) and what it started with
+        torch.cuda.empty_cache()  # blocks an earlier trial of this worker left cached, even a failed one
         torch.cuda.reset_peak_memory_stats(device)
         held_at_start = torch.cuda.memory_allocated(device)
     model.to(device)
