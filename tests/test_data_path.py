@@ -172,3 +172,22 @@ def test_a_resumed_optimizer_keeps_its_fused_kernels() -> None:
     assert torch.equal(momentum, torch.ones(3))  # the saved state itself did load
     fused.step()  # the fused kernel runs with the loaded state
     assert torch.allclose(weights[0].detach(), torch.full((3,), 1 - 0.1 - 0.1 * 1.9))
+
+
+def test_deferred_reads_stop_a_diverged_trial_within_the_check_interval(
+    digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fit_module, "defer_loss_reads", lambda device: True)
+    monkeypatch.setattr(fit_module, "LOSS_CHECK_STEPS", 2)
+    calls = {"n": 0}
+    original = digits.loss
+
+    def loss(outputs, batch):
+        calls["n"] += torch.is_grad_enabled()
+        value = original(outputs, batch)
+        return value * float("nan") if calls["n"] == 5 and torch.is_grad_enabled() else value
+
+    monkeypatch.setattr(digits, "loss", loss)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at epoch 2, step 5"):
+        fit(model_for(digits), digits, FitConfig(epochs=3, batch_size=64))
+    assert calls["n"] == 6  # checked after epoch 2's second step, not at its fourth and last

@@ -298,11 +298,29 @@ def evaluate(
     return out
 
 
-def defer_loss_reads(device: torch.device) -> bool:
-    """Whether a training epoch reads its losses once at its end instead of after every step.
+#: With deferred loss reads, a non-finite loss still stops training within this many steps.
+LOSS_CHECK_STEPS = 50
 
-    On CUDA reading a loss waits for the GPU to finish the step; the losses stay on the GPU until the
-    epoch ends, and a non-finite one is still reported with the step it happened at.
+
+def _check_losses(losses: list[Tensor], checked: int, epoch: int, first_step: int) -> int:
+    """Raise ``NonFiniteLossError`` for the first non-finite loss after ``losses[checked]``; return
+    how many losses are now checked (one read of them all, not one per step)."""
+    if checked == len(losses):
+        return checked
+    values = torch.stack(losses[checked:]).double().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        index = int(bad[0])
+        raise NonFiniteLossError(epoch, first_step + checked + index + 1, float(values[index]))
+    return len(losses)
+
+
+def defer_loss_reads(device: torch.device) -> bool:
+    """Whether a training epoch reads its losses in blocks instead of after every step.
+
+    On CUDA reading a loss waits for the GPU to finish the step; the losses stay on the GPU and are
+    read every ``LOSS_CHECK_STEPS`` steps and at the epoch's end, and a non-finite one is still
+    reported with the step it happened at.
     """
     return device.type == "cuda"
 
@@ -330,7 +348,7 @@ def train_epoch(
     deferred = defer_loss_reads(device)
     losses: list[Tensor] = []
     sizes: list[int] = []
-    first_step = steps
+    first_step, checked = steps, 0
     batches = iterate_batches(
         dataset,
         config.batch_size,
@@ -347,6 +365,8 @@ def train_epoch(
         steps += 1
         if deferred:
             losses.append(loss.detach().float())
+            if len(losses) % LOSS_CHECK_STEPS == 0:  # a diverged trial stops well before the epoch ends
+                checked = _check_losses(losses, checked, epoch, first_step)
         else:
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -358,11 +378,8 @@ def train_epoch(
         scaler.update()
         sizes.append(len(batch[model.input_key]))
         task.update_metrics(metrics, outputs, batch)
+    _check_losses(losses, checked, epoch, first_step)
     values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
-    bad = (~torch.isfinite(values)).nonzero()
-    if len(bad):
-        index = int(bad[0])
-        raise NonFiniteLossError(epoch, first_step + index + 1, float(values[index]))
     count = sum(sizes)
     total = float((values * torch.tensor(sizes, dtype=torch.float64)).sum()) if sizes else 0.0
     row = {"train/loss": total / max(count, 1)}
