@@ -89,32 +89,40 @@ def test_worker_processes_build_the_same_augmented_batches() -> None:
     assert not torch.equal(here[0]["image"], unaugmented[0]["image"])  # the draws did change pixels
 
 
+def poison_loss(task, monkeypatch: pytest.MonkeyPatch, step: int, factor: float) -> dict[str, int]:
+    """Multiply the ``step``-th training loss (from 1; evaluation runs without grad) by ``factor``;
+    the returned dict counts the training losses computed."""
+    calls = {"n": 0}
+    original = task.loss
+
+    def loss(outputs, batch):
+        calls["n"] += torch.is_grad_enabled()
+        value = original(outputs, batch)
+        return value * factor if calls["n"] == step and torch.is_grad_enabled() else value
+
+    monkeypatch.setattr(task, "loss", loss)
+    return calls
+
+
 def test_deferred_loss_reads_train_the_same_net(digits, monkeypatch: pytest.MonkeyPatch) -> None:
     config = FitConfig(epochs=2, batch_size=32)
     per_step = fit(model_for(digits), digits, config)
-    monkeypatch.setattr(fit_module, "defer_loss_reads", lambda device: True)
+    monkeypatch.setattr(fit_module, "loss_read_interval", lambda device: 50)
     deferred = fit(model_for(digits), digits, config)
     assert deferred.history == per_step.history and deferred.test == per_step.test
     assert deferred.steps == per_step.steps
 
 
-@pytest.mark.parametrize("deferred", [False, True], ids=["per-step", "deferred"])
+@pytest.mark.parametrize("interval", [1, 50], ids=["per-step", "deferred"])
 def test_a_non_finite_loss_names_its_step_either_way(
-    digits, deferred: bool, monkeypatch: pytest.MonkeyPatch
+    digits, interval: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert -(-len(digits.dataset("train")) // 64) == 4  # 4 steps per epoch: step 6 is epoch 2's second
-    monkeypatch.setattr(fit_module, "defer_loss_reads", lambda device: deferred)
-    calls = {"n": 0}
-    original = digits.loss
-
-    def loss(outputs, batch):
-        calls["n"] += torch.is_grad_enabled()
-        value = original(outputs, batch)
-        return value * float("inf") if calls["n"] == 6 and torch.is_grad_enabled() else value
-
-    monkeypatch.setattr(digits, "loss", loss)
+    monkeypatch.setattr(fit_module, "loss_read_interval", lambda device: interval)
+    calls = poison_loss(digits, monkeypatch, step=6, factor=float("inf"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss (inf|nan) at epoch 2, step 6"):
         fit(model_for(digits), digits, FitConfig(epochs=3, batch_size=64))
+    assert calls["n"] == (6 if interval == 1 else 8)  # read at once, or at the epoch's end
 
 
 def test_a_trial_records_where_it_ran(tmp_path) -> None:
@@ -177,17 +185,19 @@ def test_a_resumed_optimizer_keeps_its_fused_kernels() -> None:
 def test_deferred_reads_stop_a_diverged_trial_within_the_check_interval(
     digits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fit_module, "defer_loss_reads", lambda device: True)
-    monkeypatch.setattr(fit_module, "LOSS_CHECK_STEPS", 2)
-    calls = {"n": 0}
-    original = digits.loss
-
-    def loss(outputs, batch):
-        calls["n"] += torch.is_grad_enabled()
-        value = original(outputs, batch)
-        return value * float("nan") if calls["n"] == 5 and torch.is_grad_enabled() else value
-
-    monkeypatch.setattr(digits, "loss", loss)
+    monkeypatch.setattr(fit_module, "loss_read_interval", lambda device: 2)
+    calls = poison_loss(digits, monkeypatch, step=5, factor=float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at epoch 2, step 5"):
         fit(model_for(digits), digits, FitConfig(epochs=3, batch_size=64))
     assert calls["n"] == 6  # checked after epoch 2's second step, not at its fourth and last
+
+
+def test_batch_indices_stay_on_the_host_when_cached_features_do() -> None:
+    from transferlab.engine.feature_cache import CachedFeatureDataset, Entry
+
+    # "meta" stands in for the GPU: no memory, only a device other than the host.
+    base = InMemoryDataset({"image": torch.empty(6, 3, 4, 4, device="meta"), "label": torch.arange(6)})
+    assert base.device.type == "meta"
+    on_host = CachedFeatureDataset(base, Entry([torch.zeros(6, 2)], 0.0, 0.0), computed_here=True)
+    with_data = CachedFeatureDataset(base, Entry([torch.empty(6, 2, device="meta")], 0.0, 0.0), True)
+    assert on_host.device.type == "cpu" and with_data.device.type == "meta"

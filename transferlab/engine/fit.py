@@ -298,10 +298,6 @@ def evaluate(
     return out
 
 
-#: With deferred loss reads, a non-finite loss still stops training within this many steps.
-LOSS_CHECK_STEPS = 50
-
-
 def _check_losses(losses: list[Tensor], checked: int, epoch: int, first_step: int) -> int:
     """Raise ``NonFiniteLossError`` for the first non-finite loss after ``losses[checked]``; return
     how many losses are now checked (one read of them all, not one per step)."""
@@ -315,14 +311,14 @@ def _check_losses(losses: list[Tensor], checked: int, epoch: int, first_step: in
     return len(losses)
 
 
-def defer_loss_reads(device: torch.device) -> bool:
-    """Whether a training epoch reads its losses in blocks instead of after every step.
+def loss_read_interval(device: torch.device) -> int:
+    """Steps between reads of the training losses (and at every epoch's end): 1 on CPU, 50 on CUDA.
 
-    On CUDA reading a loss waits for the GPU to finish the step; the losses stay on the GPU and are
-    read every ``LOSS_CHECK_STEPS`` steps and at the epoch's end, and a non-finite one is still
-    reported with the step it happened at.
+    On CUDA reading a loss waits for the GPU to finish the step, so the losses stay on the GPU and are
+    read in blocks; a non-finite one is still reported with the step it happened at, and training
+    stops within 50 steps of it.
     """
-    return device.type == "cuda"
+    return 50 if device.type == "cuda" else 1
 
 
 def train_epoch(
@@ -345,7 +341,7 @@ def train_epoch(
     """
     model.train()
     metrics = {k: m.to(device) for k, m in task.metrics().items()}
-    deferred = defer_loss_reads(device)
+    interval = loss_read_interval(device)
     losses: list[Tensor] = []
     sizes: list[int] = []
     first_step, checked = steps, 0
@@ -363,15 +359,9 @@ def train_epoch(
             outputs = model(batch)
             loss = task.loss(outputs, batch)
         steps += 1
-        if deferred:
-            losses.append(loss.detach().float())
-            if len(losses) % LOSS_CHECK_STEPS == 0:  # a diverged trial stops well before the epoch ends
-                checked = _check_losses(losses, checked, epoch, first_step)
-        else:
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(epoch, steps, value)
-            losses.append(torch.tensor(value, dtype=torch.float64))
+        losses.append(loss.detach().float())
+        if len(losses) % interval == 0:  # before the step: a non-finite loss never updates the weights
+            checked = _check_losses(losses, checked, epoch, first_step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
