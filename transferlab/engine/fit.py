@@ -311,6 +311,29 @@ def _check_losses(losses: list[Tensor], checked: int, epoch: int, first_step: in
     return len(losses)
 
 
+def start_cuda_memory(device: torch.device) -> int:
+    """On CUDA: free the blocks this worker keeps cached (an earlier trial's, a failed one's too), reset
+    the peak, and return the bytes still allocated (a reused worker's cached features); 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def cuda_memory_facts(device: torch.device, held_at_start: int) -> dict[str, float]:
+    """A trial's ``cuda_peak_mb`` and ``cuda_held_at_start_mb`` (on CUDA; nothing elsewhere), after
+    which unused cached blocks go back to the driver: other trials may share this GPU."""
+    if device.type != "cuda":
+        return {}
+    facts = {
+        "cuda_peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+        "cuda_held_at_start_mb": round(held_at_start / 2**20, 1),
+    }
+    torch.cuda.empty_cache()
+    return facts
+
+
 def loss_read_interval(device: torch.device) -> int:
     """Steps between reads of the training losses (and at every epoch's end): 1 on CPU, 50 on CUDA.
 
@@ -429,10 +452,7 @@ def fit(
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
-    if device.type == "cuda":  # the trial records its peak (cuda_peak_mb) and what it started with
-        torch.cuda.empty_cache()  # blocks an earlier trial of this worker left cached, even a failed one
-        torch.cuda.reset_peak_memory_stats(device)
-        held_at_start = torch.cuda.memory_allocated(device)
+    held_at_start = start_cuda_memory(device)
     model.to(device)
     if use_channels_last(config, device):
         model.to(memory_format=torch.channels_last)
@@ -552,11 +572,7 @@ def fit(
         result.test_epoch = result.best_epoch
     result.test = evaluate(model, task, test_set, config, device, autocast)
     result.feature_cache = cache.report()
-    if device.type == "cuda":
-        result.device["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        # What the process already held when the trial began (a reused worker's cached features).
-        result.device["cuda_held_at_start_mb"] = round(held_at_start / 2**20, 1)
-        torch.cuda.empty_cache()  # hand unused cached blocks back: other trials may share this GPU
+    result.device.update(cuda_memory_facts(device, held_at_start))
     if checkpoint_path is not None:
         meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)

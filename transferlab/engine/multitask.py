@@ -35,11 +35,13 @@ from transferlab.engine.fit import (
     NonFiniteLossError,
     build_optimizer,
     build_schedule,
+    cuda_memory_facts,
     iterate_batches,
     load_optimizer_state,
     load_training_state,
     resolve_device,
     save_training_state,
+    start_cuda_memory,
     use_channels_last,
 )
 from transferlab.engine.model import TransferModel
@@ -384,9 +386,7 @@ def fit_multitask(
     started = time.perf_counter()
     check_keys(model, tasks, weighting)
     device = resolve_device(config.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        held_at_start = torch.cuda.memory_allocated(device)
+    held_at_start = start_cuda_memory(device)
     loop = MultitaskLoop(model, tasks, weighting, config)
     # The same facts as fit's cache and data decisions, so multitask and single-task trials record the
     # same keys (multitask data stays on the host: its batches are drawn per task, see cycled_batches).
@@ -419,10 +419,7 @@ def fit_multitask(
         model.load_state_dict(loop.best_state)
         result.test_epoch = result.best_epoch
     result.test = loop.evaluate("test")
-    if device.type == "cuda":
-        result.device["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        result.device["cuda_held_at_start_mb"] = round(held_at_start / 2**20, 1)
-        torch.cuda.empty_cache()
+    result.device.update(cuda_memory_facts(device, held_at_start))
     if checkpoint_path is not None:
         meta = dict(checkpoint_metadata or {}, epoch=result.test_epoch)
         result.checkpoint = save_checkpoint(model, checkpoint_path, meta)
